@@ -1,0 +1,1 @@
+"""Kafka consumer loops that feed the pipeline and the shards."""

@@ -1,0 +1,1 @@
+"""lookstream's core: config, events, images, pipeline, shards, the HTTP app and the CLI."""

@@ -1,0 +1,168 @@
+"""The ``lookstream`` command: run a node, a local broker, publish folders, list plugins."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from indexer.config import LOCAL_BROKER_PORT, Settings
+
+log = logging.getLogger("lookstream")
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML settings file (see docs/configuration.md).",
+)
+
+
+def _settings(config_path: Path | None, **overrides: object) -> Settings:
+    try:
+        return Settings.load(config_path, **overrides)
+    except Exception as e:  # pydantic ValidationError, TOML errors: show them plainly
+        raise click.ClickException(f"invalid settings: {e}") from e
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+def main(verbose: bool) -> None:
+    """lookstream: streaming visual search for fashion commerce."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+@main.command()
+@config_option
+@click.option("--port", type=int, help="HTTP port of the query API (default 8080).")
+@click.option("--host", help="HTTP interface (default 127.0.0.1).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the node keeps its files.")
+@click.option("--broker-port", type=int, default=LOCAL_BROKER_PORT, show_default=True,
+              help="Port of the local broker started when no --bootstrap-servers is given.")
+@click.option("--bootstrap-servers", help="HOST:PORT of a Kafka cluster; no local broker is started.")
+def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> None:
+    """Run a node: local broker (unless --bootstrap-servers), topics, consumers and the API."""
+    from aiohttp import web
+
+    from indexer.api import create_app
+    from indexer.broker import BrokerError, LocalBroker
+    from indexer.node import build_node
+    from indexer.topics import ensure_topics
+
+    settings = _settings(
+        config_path, **{"api.port": port, "api.host": host, "data_dir": data_dir,
+                        "kafka.bootstrap_servers": bootstrap_servers or f"127.0.0.1:{broker_port}"}
+    )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if bootstrap_servers is None:
+        broker = LocalBroker(broker_port, log_path=settings.data_dir / "broker.log")
+        try:
+            broker.start()
+        except BrokerError as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"local broker on {broker.bootstrap_servers} (in memory: its events end with it)")
+    try:
+        ensure_topics(settings.kafka)
+        node = build_node(settings)
+        url = f"http://{settings.api.host}:{settings.api.port}"
+        web.run_app(
+            create_app(node), host=settings.api.host, port=settings.api.port,
+            print=lambda _: click.echo(f"lookstream API on {url}  (Ctrl-C to stop)"),
+        )
+    finally:
+        if broker is not None:
+            click.echo("stopping the local broker")
+            broker.stop()
+
+
+@main.command()
+@click.option("--port", type=int, default=LOCAL_BROKER_PORT, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("lookstream-data"),
+              show_default=True, help="Where broker.log goes.")
+def broker(port: int, data_dir: Path) -> None:
+    """Run the local Kafka-protocol broker alone, until Ctrl-C or SIGTERM."""
+    from indexer.broker import BrokerError, LocalBroker
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    local = LocalBroker(port, log_path=data_dir / "broker.log")
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        local.start()
+    except BrokerError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"local broker on {local.bootstrap_servers}  (Ctrl-C to stop)")
+    try:
+        done.wait()
+    finally:
+        local.stop()
+
+
+@main.group()
+def produce() -> None:
+    """Publish a folder of images as events."""
+
+
+def _produce(kind: str, path: Path, config_path: Path | None, bootstrap_servers: str | None, progress: bool) -> None:
+    from kafka.errors import KafkaError
+
+    from producers.folders import post_events, product_events
+    from producers.publisher import make_producer, publish
+
+    settings = _settings(config_path, **{"kafka.bootstrap_servers": bootstrap_servers})
+    kafka = settings.kafka
+    events, topic = (
+        (product_events, kafka.topics.products) if kind == "products" else (post_events, kafka.topics.posts)
+    )
+    try:
+        producer = make_producer(kafka)
+    except KafkaError as e:
+        raise click.ClickException(f"cannot reach Kafka at {kafka.bootstrap_servers}: {e}") from e
+    try:
+        summary = publish(events(path, kafka.max_message_bytes, settings.images.max_pixels), topic, producer, progress)
+    except KafkaError as e:
+        raise click.ClickException(f"publishing to {topic} failed: {e}") from e
+    finally:
+        producer.close(timeout=10)
+    for line in summary.lines():
+        click.echo(line)
+
+
+def _produce_command(kind: str, layout: str):
+    @produce.command(name=kind, help=f"Publish {layout} to the {kind} topic.")
+    @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+    @config_option
+    @click.option("--bootstrap-servers", help="HOST:PORT of Kafka (default: the local broker).")
+    @click.option("--no-progress", is_flag=True, help="No progress bar.")
+    def command(path, config_path, bootstrap_servers, no_progress):
+        _produce(kind, path, config_path, bootstrap_servers, not no_progress)
+
+    return command
+
+
+_produce_command("products", "PATH/<category>/<product_id>.<jpg|png|webp> (or <product_id>/<image>)")
+_produce_command("posts", "PATH/<post_id>.<jpg|png|webp>")
+
+
+@main.command()
+@config_option
+def plugins(config_path) -> None:
+    """List installed plugins and the model names each provides."""
+    from plugins.manager import build_plugin_manager, provided_names
+
+    settings = _settings(config_path)
+    table = provided_names(build_plugin_manager(settings.disabled_plugins))
+    selected = {"detector": settings.models.detector, "encoder": settings.models.encoder,
+                "classifier": settings.models.classifier}
+    for plugin, roles in sorted(table.items()):
+        click.echo(plugin)
+        for role, names in roles.items():
+            marked = [f"{n} (selected)" if selected[role] == n else n for n in names]
+            click.echo(f"  {role}s: {', '.join(marked)}")

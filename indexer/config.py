@@ -1,0 +1,106 @@
+"""Settings for a lookstream node, validated once at start.
+
+Every knob lives here so that the CLI, the tests and a TOML file configure the
+same object. Kafka client settings stay configurable because production points
+at a real cluster, not at the local broker used in development.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LOCAL_BROKER_PORT = 19092
+
+
+class Topics(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    products: str = "lookstream.products"
+    posts: str = "lookstream.posts"
+    dead_letter: str = "lookstream.dead-letter"
+
+
+class KafkaSettings(BaseModel):
+    """Client settings; defaults are portable between Tansu and real Kafka."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bootstrap_servers: str = f"127.0.0.1:{LOCAL_BROKER_PORT}"
+    group_id: str = "lookstream-indexer"
+    topics: Topics = Topics()
+    partitions: int = Field(3, ge=1, description="partitions of topics this node creates")
+    # 6000 is the lowest session timeout real Kafka accepts; a group join takes
+    # about half of it (DESIGN.md, "Local broker").
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    # kafka-python 3.x drops a join that completes while no poll() waits; polls of
+    # a second were clean where 100 ms polls made rebalances take a minute.
+    poll_timeout_ms: int = Field(1000, ge=100)
+    max_poll_records: int = Field(64, ge=1)
+    max_message_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # The idempotent producer lost acknowledged messages across Tansu restarts;
+    # upserts absorb the rare duplicate a non-idempotent producer may write.
+    enable_idempotence: bool = False
+
+
+class ModelSettings(BaseModel):
+    """Which plugin provides each model role, by the name the plugin registers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    detector: str = "whole-image"
+    encoder: str = "efficientnet-lite0"
+    classifier: str = "event-attrs"
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
+    batch_size: int = Field(32, ge=1)
+
+
+class ApiSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_k: int = Field(100, ge=1)
+    default_k: int = Field(10, ge=1)
+
+
+class ImageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # PIL raises DecompressionBombError above twice this many pixels and warns above it.
+    max_pixels: int = Field(40_000_000, ge=1)
+    # Directories a `file://` image_uri may point into; empty refuses every file URI.
+    file_roots: tuple[Path, ...] = ()
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Path("lookstream-data")
+    kafka: KafkaSettings = KafkaSettings()
+    models: ModelSettings = ModelSettings()
+    api: ApiSettings = ApiSettings()
+    images: ImageSettings = ImageSettings()
+    disabled_plugins: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: object) -> Settings:
+        """Read a TOML file (if given), then apply dotted overrides such as ``kafka.group_id``."""
+        data: dict = {}
+        if path is not None:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return cls.model_validate(data)

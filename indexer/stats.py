@@ -1,0 +1,44 @@
+"""Counters the consumer writes and ``GET /stats`` reads."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IngestStats:
+    consumed: int = 0
+    indexed: int = 0
+    deleted: int = 0
+    rejected: Counter = field(default_factory=Counter)  # reason kind -> count
+    #: "topic/partition" -> next offset to read (the last applied offset + 1)
+    offsets: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_batch(self, consumed: int, indexed: int, deleted: int, rejected: list[str], offsets: dict[str, int]) -> None:
+        with self._lock:
+            self.consumed += consumed
+            self.indexed += indexed
+            self.deleted += deleted
+            self.rejected.update(reason.split(":", 1)[0] for reason in rejected)
+            self.offsets.update(offsets)
+            self.last_error = None
+
+    def record_error(self, message: str) -> None:
+        with self._lock:
+            self.last_error = message
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "consumed": self.consumed,
+                "indexed": self.indexed,
+                "deleted": self.deleted,
+                "rejected": sum(self.rejected.values()),
+                "rejected_by_reason": dict(self.rejected),
+                "offsets": dict(sorted(self.offsets.items())),
+                "last_error": self.last_error,
+            }

@@ -1,0 +1,1 @@
+"""Built-in model plugins, registered like third-party ones (see plugins.manager)."""

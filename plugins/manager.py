@@ -1,0 +1,87 @@
+"""Build the plugin manager and turn the configured names into model objects.
+
+Nothing happens at import time: :func:`build_plugin_manager` adds the specs,
+registers the built-ins, loads the ``lookstream`` entry points, blocks the
+disabled names and checks that every implementation matches a spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import pluggy
+
+from plugins import PROJECT_NAME, hookspecs
+from plugins.models import Classifier, Detector, Encoder, ModelContext
+from plugins.registry import Registry
+
+#: Built-in features are plugins like any other; they can be disabled by these names.
+DEFAULT_PLUGINS = (
+    "plugins.builtin.whole_image",
+    "plugins.builtin.efficientnet",
+    "plugins.builtin.classifiers",
+)
+
+ROLES = ("detector", "encoder", "classifier")
+
+
+def build_plugin_manager(disabled: tuple[str, ...] = ()) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    for name in disabled:
+        pm.set_blocked(name)
+    for module_name in DEFAULT_PLUGINS:
+        if not pm.is_blocked(module_name):
+            pm.register(importlib.import_module(module_name), name=module_name)
+    pm.load_setuptools_entrypoints(PROJECT_NAME)
+    pm.check_pending()
+    return pm
+
+
+def _hook(pm: pluggy.PluginManager, role: str) -> pluggy.HookCaller:
+    return getattr(pm.hook, f"lookstream_register_{role}s")
+
+
+def registry(pm: pluggy.PluginManager, role: str) -> Registry:
+    """Collect every plugin's factories for one role."""
+    reg: Registry = Registry(role)
+    _hook(pm, role)(registry=reg)
+    return reg
+
+
+def provided_names(pm: pluggy.PluginManager) -> dict[str, dict[str, list[str]]]:
+    """plugin name -> role -> model names it registers (for `lookstream plugins`)."""
+    table: dict[str, dict[str, list[str]]] = {name: {} for name, _ in pm.list_name_plugin()}
+    for role in ROLES:
+        for impl in _hook(pm, role).get_hookimpls():
+            reg: Registry = Registry(role)
+            impl.function(registry=reg)
+            table[impl.plugin_name][role] = reg.names
+    return table
+
+
+@dataclass(frozen=True)
+class Models:
+    detector: Detector
+    encoder: Encoder
+    classifier: Classifier
+
+
+def resolve_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_models(
+    pm: pluggy.PluginManager, detector: str, encoder: str, classifier: str, context: ModelContext
+) -> Models:
+    """Instantiate the three configured models; an unknown name lists the known ones."""
+    return Models(
+        detector=registry(pm, "detector").create(detector, context),
+        encoder=registry(pm, "encoder").create(encoder, context),
+        classifier=registry(pm, "classifier").create(classifier, context),
+    )

@@ -1,0 +1,66 @@
+"""What a detector, an encoder and a classifier are, as the pipeline sees them.
+
+Plugins return objects that satisfy these protocols. Every method takes a batch,
+so a model can run one forward pass for many crops; images are 8-bit RGB PIL
+images (the pipeline converted them already).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+#: The fashion categories of the seed detector (ModaNet + Fashionpedia, 7 classes).
+CATEGORIES = ("bag", "bottom", "dress", "hat", "outer", "shoes", "top")
+#: Shard name for items no classifier could place.
+UNCATEGORIZED = "uncategorized"
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One garment found in an image: pixel box (x0, y0, x1, y1), label and score."""
+
+    box: tuple[int, int, int, int]
+    label: str | None
+    score: float
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What a model factory may use: where to run and how many CPU threads."""
+
+    device: str  # "cpu" or "cuda"
+    cpu_threads: int | None = None
+
+
+@runtime_checkable
+class Detector(Protocol):
+    name: str
+
+    def detect(self, images: list[Image.Image]) -> list[list[Detection]]:
+        """Return the detections of each image; an empty list means nothing found."""
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    name: str
+    #: Changes whenever the vectors change (weights, preprocessing): a new model generation.
+    version: str
+    dim: int
+
+    def encode(self, crops: list[Image.Image]) -> np.ndarray:
+        """Return a float32 array (len(crops), dim) of L2-normalised vectors."""
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    name: str
+
+    def classify(
+        self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]
+    ) -> list[str]:
+        """Return the category (shard name) of each crop."""

@@ -1,0 +1,1 @@
+"""Publishers that turn folders of images into lookstream events on Kafka."""
