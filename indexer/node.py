@@ -51,6 +51,16 @@ class Node:
     #: Model inference and FAISS search run here, off the event loop.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "lookstream-query"))
 
+    @classmethod
+    def create(cls, settings: Settings, models: Models) -> Node:
+        pipeline = Pipeline(
+            models,
+            batch_size=settings.models.batch_size,
+            max_pixels=settings.images.max_pixels,
+            file_roots=settings.images.file_roots,
+        )
+        return cls(settings, models, pipeline, ShardSet(models.encoder.dim))
+
     def query(self, data: bytes, k: int, collection: str, category: str | None) -> QueryResult:
         """Search with an image: hits per detected item, and for the whole image."""
         start = time.perf_counter()
@@ -93,10 +103,4 @@ def build_node(settings: Settings) -> Node:
     context = ModelContext(device=resolve_device(settings.models.device), cpu_threads=settings.models.cpu_threads)
     models = load_models(pm, settings.models.detector, settings.models.encoder, settings.models.classifier, context)
     log.info("models: %s/%s/%s on %s", models.detector.name, models.encoder.name, models.classifier.name, context.device)
-    pipeline = Pipeline(
-        models,
-        batch_size=settings.models.batch_size,
-        max_pixels=settings.images.max_pixels,
-        file_roots=settings.images.file_roots,
-    )
-    return Node(settings, models, pipeline, ShardSet(models.encoder.dim))
+    return Node.create(settings, models)

@@ -1,30 +1,32 @@
 """Live FAISS shards, one per (collection, category), searched while they grow.
 
 Concurrency model: one writer (the consumer thread) and any number of readers
-(query handlers). Readers never take a lock and never wait for the writer:
+(query handlers). Readers never take a lock and never wait for the writer, and
+each search sees one consistent moment of the whole shard set:
 
-* A :class:`Shard` keeps its vectors in a preallocated array and publishes an
-  immutable ``_State`` (arrays, row count). The writer fills rows past the
-  published count, then publishes a new state; a reader that took the old state
-  never looks at those rows. Growing or compacting copies into new arrays, so a
-  reader's arrays are never reallocated under it.
-* A delete writes -1 into the row's key (a tombstone). Readers ask FAISS for a
-  few more neighbours than ``k`` and drop tombstoned rows.
-* An upsert appends the new vectors *before* tombstoning the old ones, so a
-  reader sees the record at every moment (twice, briefly, which the merge
-  de-duplicates) and never not at all.
-* :class:`ShardSet` swaps its dict of shards copy-on-write when a shard is added.
+* Every applied batch gets a sequence number. A row remembers the batch that
+  deleted it (``deleted_at``, "never" until then); a reader at sequence ``S``
+  treats rows deleted after ``S`` as live.
+* Vectors sit in preallocated arrays. The writer fills rows past the published
+  count and marks deletions with the new sequence number, then publishes a new
+  :class:`View` (sequence, and per shard an immutable :class:`_State` with its
+  row count) by replacing one reference. A reader that took the old view never
+  looks at the new rows and still sees the rows that batch deleted.
+* Growing or compacting copies into new arrays, so a reader's arrays are never
+  reallocated under it.
 
-Exact search with ``faiss.knn`` on the published rows: correct at any size and
-fast for the flat segments of this stage; sealed IVF/HNSW segments come later
-(see docs/architecture.md).
+So an upsert that moves a record to another category, or rewrites it in place,
+is never missing from, nor doubled in, any reader's results.
+
+Search is exact (``faiss.knn``, inner product of L2-normalised vectors) over a
+growing flat segment; sealed IVF/HNSW segments come later (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -32,87 +34,10 @@ import numpy as np
 
 from indexer.pipeline import Delete, Upsert
 
-TOMBSTONE = -1
+NEVER = np.iinfo(np.int64).max
 _INITIAL_CAPACITY = 256
-#: Compact once this many rows are tombstoned (and a sixteenth of the shard).
+#: Compact once this many rows are dead (and a sixteenth of the shard).
 _COMPACT_AFTER = 1024
-
-
-@dataclass(frozen=True)
-class _State:
-    vectors: np.ndarray  # (capacity, dim) float32
-    keys: np.ndarray  # (capacity,) int64: item key, or TOMBSTONE
-    count: int  # rows published
-    deleted: int  # tombstoned rows among them
-
-
-class Shard:
-    """Exact inner-product search over L2-normalised vectors; one writer, lock-free readers."""
-
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self._state = _State(
-            np.empty((_INITIAL_CAPACITY, dim), dtype=np.float32),
-            np.full(_INITIAL_CAPACITY, TOMBSTONE, dtype=np.int64),
-            0,
-            0,
-        )
-        self._rows: dict[int, int] = {}  # item key -> row; writer-only
-
-    def __len__(self) -> int:
-        state = self._state
-        return state.count - state.deleted
-
-    def append(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        state = self._state
-        n = len(keys)
-        if state.count + n > len(state.keys):
-            state = self._copy(state, capacity=max(2 * len(state.keys), state.count + n))
-        state.vectors[state.count : state.count + n] = vectors
-        state.keys[state.count : state.count + n] = keys
-        self._rows.update(zip(keys.tolist(), range(state.count, state.count + n)))
-        self._state = _State(state.vectors, state.keys, state.count + n, state.deleted)
-
-    def remove(self, keys: list[int]) -> None:
-        state = self._state
-        removed = 0
-        for key in keys:
-            row = self._rows.pop(key, None)
-            if row is not None:
-                state.keys[row] = TOMBSTONE
-                removed += 1
-        state = _State(state.vectors, state.keys, state.count, state.deleted + removed)
-        if state.deleted >= max(_COMPACT_AFTER, state.count // 16):
-            state = self._copy(state, capacity=max(_INITIAL_CAPACITY, 2 * (state.count - state.deleted)))
-        self._state = state
-
-    def _copy(self, state: _State, capacity: int) -> _State:
-        """New arrays holding the live rows only; readers of the old arrays are unaffected."""
-        live = np.flatnonzero(state.keys[: state.count] != TOMBSTONE)
-        vectors = np.empty((capacity, self.dim), dtype=np.float32)
-        keys = np.full(capacity, TOMBSTONE, dtype=np.int64)
-        vectors[: len(live)] = state.vectors[live]
-        keys[: len(live)] = state.keys[live]
-        self._rows = dict(zip(keys[: len(live)].tolist(), range(len(live))))
-        return _State(vectors, keys, len(live), 0)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores, item keys) of shape (len(queries), k); missing slots have key -1."""
-        state = self._state
-        nq = len(queries)
-        if state.count == 0:
-            return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), TOMBSTONE, dtype=np.int64)
-        wanted = min(state.count, k + state.deleted)
-        scores, rows = faiss.knn(queries, state.vectors[: state.count], wanted, metric=faiss.METRIC_INNER_PRODUCT)
-        keys = np.where(rows >= 0, state.keys[np.maximum(rows, 0)], TOMBSTONE)
-        out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        out_keys = np.full((nq, k), TOMBSTONE, dtype=np.int64)
-        for q in range(nq):
-            live = keys[q] != TOMBSTONE
-            found = int(min(k, live.sum()))
-            out_scores[q, :found] = scores[q][live][:found]
-            out_keys[q, :found] = keys[q][live][:found]
-        return out_scores, out_keys
 
 
 @dataclass(frozen=True)
@@ -138,86 +63,143 @@ class Hit:
     attrs: dict[str, Any]
 
 
-@dataclass
+@dataclass(frozen=True)
+class _State:
+    vectors: np.ndarray  # (capacity, dim) float32
+    deleted_at: np.ndarray  # (capacity,) int64: sequence of the batch that deleted the row, or NEVER
+    metas: list[ItemMeta]  # one per row, appended in place
+    count: int  # rows published
+    dead: int  # rows deleted at or before the view's sequence
+
+    def search(self, queries: np.ndarray, k: int, seq: int) -> list[list[tuple[float, ItemMeta]]]:
+        """Top-k live rows of each query as seen at sequence ``seq``."""
+        if self.count == 0:
+            return [[] for _ in queries]
+        wanted = min(self.count, k + self.dead)
+        scores, rows = faiss.knn(queries, self.vectors[: self.count], wanted, metric=faiss.METRIC_INNER_PRODUCT)
+        results = []
+        for q_scores, q_rows in zip(scores, rows):
+            found = []
+            for score, row in zip(q_scores.tolist(), q_rows.tolist()):
+                if row >= 0 and self.deleted_at[row] > seq:
+                    found.append((score, self.metas[row]))
+                    if len(found) == k:
+                        break
+            results.append(found)
+        return results
+
+
+@dataclass(frozen=True)
+class View:
+    """What a reader sees: a sequence number and each shard's state at it."""
+
+    seq: int
+    shards: dict[tuple[str, str], _State]
+
+
+class Shard:
+    """The writer's side of one shard: row bookkeeping and the current state."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.state = _State(
+            np.empty((_INITIAL_CAPACITY, dim), dtype=np.float32),
+            np.full(_INITIAL_CAPACITY, NEVER, dtype=np.int64), [], 0, 0,
+        )
+        self._rows: dict[int, int] = {}  # item key -> row
+
+    def append(self, keys: list[int], vectors: np.ndarray, metas: list[ItemMeta]) -> None:
+        state = self.state
+        n = len(keys)
+        if state.count + n > len(state.deleted_at):
+            state = self._compacted(state, capacity=max(2 * len(state.deleted_at), state.count + n))
+        state.vectors[state.count : state.count + n] = vectors
+        state.metas.extend(metas)
+        self._rows.update(zip(keys, range(state.count, state.count + n)))
+        self.state = _State(state.vectors, state.deleted_at, state.metas, state.count + n, state.dead)
+
+    def remove(self, keys: list[int], seq: int) -> None:
+        state = self.state
+        for key in keys:
+            state.deleted_at[self._rows.pop(key)] = seq
+        state = _State(state.vectors, state.deleted_at, state.metas, state.count, state.dead + len(keys))
+        if state.dead >= max(_COMPACT_AFTER, state.count // 16):
+            state = self._compacted(state, capacity=max(_INITIAL_CAPACITY, 2 * (state.count - state.dead)))
+        self.state = state
+
+    def _compacted(self, state: _State, capacity: int) -> _State:
+        """New arrays holding the rows still live now; readers of the old arrays are unaffected."""
+        live = np.flatnonzero(state.deleted_at[: state.count] == NEVER)
+        vectors = np.empty((capacity, self.dim), dtype=np.float32)
+        vectors[: len(live)] = state.vectors[live]
+        metas = [state.metas[row] for row in live.tolist()]
+        row_of_old = {old: new for new, old in enumerate(live.tolist())}
+        self._rows = {key: row_of_old[row] for key, row in self._rows.items()}
+        return _State(vectors, np.full(capacity, NEVER, dtype=np.int64), metas, len(live), 0)
+
+
 class ShardSet:
     """All shards of a node: routes upserts and deletes, merges search results."""
 
-    dim: int
-    _shards: dict[tuple[str, str], Shard] = field(default_factory=dict)
-    _meta: dict[int, ItemMeta] = field(default_factory=dict)
-    _records: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # writer-only
-    _record_counts: dict[str, int] = field(default_factory=dict)
-    _next_key: itertools.count = field(default_factory=itertools.count)
-    _write_lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._shards: dict[tuple[str, str], Shard] = {}  # writer-only
+        self._records: dict[tuple[str, str], list[tuple[tuple[str, str], int]]] = {}  # writer-only
+        self._record_counts: dict[str, int] = {}
+        self._keys = itertools.count()
+        self._write_lock = threading.Lock()
+        self.view = View(0, {})
 
     def apply(self, ops: list[Upsert | Delete]) -> None:
-        """Apply a batch in order; later operations on a record win."""
+        """Apply a batch in order (later operations on a record win) and publish it at once."""
         with self._write_lock:
-            appends: dict[tuple[str, str], tuple[list[int], list[np.ndarray]]] = {}
-            stale: list[int] = []
+            seq = self.view.seq + 1
+            appends: dict[tuple[str, str], tuple[list[int], list[np.ndarray], list[ItemMeta]]] = {}
+            stale: dict[tuple[str, str], list[int]] = {}
             for op in ops:
                 record = (op.collection, op.record_id)
                 previous = self._records.pop(record, None)
                 if previous is not None:
-                    stale.extend(previous)
                     self._record_counts[op.collection] -= 1
+                    for shard_key, key in previous:
+                        stale.setdefault(shard_key, []).append(key)
                 if isinstance(op, Delete):
                     continue
-                keys = []
+                placed = []
                 for position, item in enumerate(op.items):
-                    key = next(self._next_key)
+                    shard_key, key = (op.collection, item.category), next(self._keys)
+                    keys, vectors, metas = appends.setdefault(shard_key, ([], [], []))
                     keys.append(key)
-                    shard_keys, vectors = appends.setdefault((op.collection, item.category), ([], []))
-                    shard_keys.append(key)
                     vectors.append(item.vector)
-                    self._meta[key] = ItemMeta(
-                        op.collection, item.category, op.record_id, position,
-                        item.box, item.label, item.score, op.ts, op.attrs,
-                    )
-                self._records[record] = keys
+                    metas.append(ItemMeta(op.collection, item.category, op.record_id, position,
+                                          item.box, item.label, item.score, op.ts, op.attrs))
+                    placed.append((shard_key, key))
+                self._records[record] = placed
                 self._record_counts[op.collection] = self._record_counts.get(op.collection, 0) + 1
-            # Append first, tombstone after: a record is never invisible to a reader.
-            for shard_key, (keys, vectors) in appends.items():
-                self._shard(shard_key).append(np.asarray(keys, dtype=np.int64), np.stack(vectors))
-            self._remove(stale)
+            for shard_key, (keys, vectors, metas) in appends.items():
+                if shard_key not in self._shards:
+                    self._shards[shard_key] = Shard(self.dim)
+                self._shards[shard_key].append(keys, np.stack(vectors), metas)
+            for shard_key, keys in stale.items():
+                self._shards[shard_key].remove(keys, seq)
+            self.view = View(seq, {key: shard.state for key, shard in self._shards.items()})
 
-    def _remove(self, keys: list[int]) -> None:
-        by_shard: dict[tuple[str, str], list[int]] = {}
-        for key in keys:
-            meta = self._meta.pop(key)
-            by_shard.setdefault((meta.collection, meta.category), []).append(key)
-        for shard_key, shard_keys in by_shard.items():
-            self._shards[shard_key].remove(shard_keys)
-
-    def _shard(self, key: tuple[str, str]) -> Shard:
-        shard = self._shards.get(key)
-        if shard is None:
-            shard = Shard(self.dim)
-            self._shards = {**self._shards, key: shard}
-        return shard
-
-    def search(
-        self, vector: np.ndarray, k: int, collection: str, category: str | None = None
-    ) -> list[Hit]:
+    def search(self, vector: np.ndarray, k: int, collection: str, category: str | None = None) -> list[Hit]:
         """Top-k records by their best-matching item across the selected shards."""
-        shards = self._shards
+        view = self.view
         query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
-        candidates: list[tuple[float, int]] = []
-        for (coll, cat), shard in shards.items():
-            if coll != collection or (category is not None and cat != category):
-                continue
-            # Ask for a few more than k: one record may hold several matching items.
-            scores, keys = shard.search(query, 2 * k)
-            candidates.extend((float(s), int(key)) for s, key in zip(scores[0], keys[0]) if key != TOMBSTONE)
-        candidates.sort(reverse=True)
+        candidates: list[tuple[float, ItemMeta]] = []
+        for (coll, cat), state in view.shards.items():
+            if coll == collection and (category is None or cat == category):
+                # Ask for more than k: one record may hold several matching items.
+                candidates.extend(state.search(query, 2 * k, view.seq)[0])
+        candidates.sort(key=lambda c: -c[0])
         hits: dict[str, Hit] = {}
-        for score, key in candidates:
-            meta = self._meta.get(key)
-            if meta is None or meta.record_id in hits:
-                continue  # deleted after the search, or a lower-scoring item of a record already in
-            hits[meta.record_id] = Hit(meta.record_id, score, meta.category, meta.item, meta.box, meta.attrs)
-            if len(hits) == k:
-                break
+        for score, meta in candidates:
+            if meta.record_id not in hits:
+                hits[meta.record_id] = Hit(meta.record_id, score, meta.category, meta.item, meta.box, meta.attrs)
+                if len(hits) == k:
+                    break
         return list(hits.values())
 
     def records(self, collection: str) -> int:
@@ -225,6 +207,6 @@ class ShardSet:
 
     def sizes(self) -> list[dict[str, Any]]:
         return [
-            {"collection": coll, "category": cat, "vectors": len(shard)}
-            for (coll, cat), shard in sorted(self._shards.items())
+            {"collection": coll, "category": cat, "vectors": state.count - state.dead}
+            for (coll, cat), state in sorted(self.view.shards.items())
         ]

