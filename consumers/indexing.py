@@ -31,7 +31,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
 from indexer.config import KafkaSettings
-from indexer.events import InvalidEvent, decode_event
+from indexer.events import InvalidEvent, decode_event, now_ms
 from indexer.pipeline import Delete, Pipeline, Rejected, Upsert
 from indexer.shards import ShardSet
 from indexer.stats import IngestStats
@@ -164,6 +164,7 @@ class IndexingConsumer:
 
         self._send_dead_letters(dead, producer)
         self.shards.apply(ops)
+        searchable_at = now_ms()
         offsets = self._last_offsets(records)
         self.applied.update(offsets)
         self.stats.record_batch(
@@ -172,6 +173,8 @@ class IndexingConsumer:
             deleted=sum(isinstance(op, Delete) for op in ops),
             rejected=[d.reason for d in dead],
             offsets={f"{tp.topic}/{tp.partition}": offset for tp, offset in offsets.items()},
+            # from the producer's timestamp of the newest event to now: how stale the index was
+            freshness_ms=searchable_at - max(op.ts for op in ops) if ops else None,
         )
 
     def _send_dead_letters(self, dead: list[DeadLetter], producer: KafkaProducer) -> None:

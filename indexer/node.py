@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from indexer.config import Settings
 from indexer.images import decode_image
 from indexer.pipeline import Pipeline
@@ -103,4 +105,6 @@ def build_node(settings: Settings) -> Node:
     context = ModelContext(device=resolve_device(settings.models.device), cpu_threads=settings.models.cpu_threads)
     models = load_models(pm, settings.models.detector, settings.models.encoder, settings.models.classifier, context)
     log.info("models: %s/%s/%s on %s", models.detector.name, models.encoder.name, models.classifier.name, context.device)
+    # One forward pass now, so the first event is not the one that pays for lazy initialisation.
+    models.encoder.encode([Image.new("RGB", (64, 64))])
     return Node.create(settings, models)

@@ -16,10 +16,19 @@ class IngestStats:
     #: "topic/partition" -> next offset to read (the last applied offset + 1)
     offsets: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
+    #: event ts -> searchable, in ms, for the newest event of the last batch and the slowest ever
+    freshness_ms_last: int | None = None
+    freshness_ms_max: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_batch(self, consumed: int, indexed: int, deleted: int, rejected: list[str], offsets: dict[str, int]) -> None:
+    def record_batch(
+        self, consumed: int, indexed: int, deleted: int, rejected: list[str], offsets: dict[str, int],
+        freshness_ms: int | None,
+    ) -> None:
         with self._lock:
+            if freshness_ms is not None:
+                self.freshness_ms_last = freshness_ms
+                self.freshness_ms_max = max(self.freshness_ms_max, freshness_ms)
             self.consumed += consumed
             self.indexed += indexed
             self.deleted += deleted
@@ -41,4 +50,5 @@ class IngestStats:
                 "rejected_by_reason": dict(self.rejected),
                 "offsets": dict(sorted(self.offsets.items())),
                 "last_error": self.last_error,
+                "freshness_ms": {"last": self.freshness_ms_last, "max": self.freshness_ms_max},
             }
