@@ -128,11 +128,10 @@ class IndexingConsumer:
                     continue
                 try:
                     self._index(records, producer)
-                    consumer.commit({
-                        tp: OffsetAndMetadata(offset, "", -1)
-                        for tp, offset in self._last_offsets(records).items()
-                    })
-                except Exception as e:  # noqa: BLE001 -- retried below, never committed
+                    consumer.commit(
+                        {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._last_offsets(records).items()}
+                    )
+                except Exception as e:
                     log.exception("batch failed; retrying from the last applied offsets")
                     self.stats.record_error(f"{type(e).__name__}: {e}")
                     self._rewind(consumer, batch.keys())
@@ -184,13 +183,19 @@ class IndexingConsumer:
         for letter in dead:
             record = letter.record
             log.warning("dead-lettering %s/%d@%d: %s", record.topic, record.partition, record.offset, letter.reason)
-            headers = list(record.headers or []) + [
+            headers = [
+                *(record.headers or []),
                 (REASON_HEADER, letter.reason.encode()),
                 (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
             ]
-            futures.append(producer.send(
-                self.kafka.topics.dead_letter, key=record.key, value=record.value, headers=headers,
-            ))
+            futures.append(
+                producer.send(
+                    self.kafka.topics.dead_letter,
+                    key=record.key,
+                    value=record.value,
+                    headers=headers,
+                )
+            )
         producer.flush()
         for future in futures:
             future.get(timeout=0)  # raises if the broker refused it: then nothing is committed

@@ -58,7 +58,8 @@ async def _read_image(request: web.Request) -> bytes:
     else:
         raise error(
             web.HTTPUnsupportedMediaType,
-            f"send the image as the body with an image/* content type, or as multipart field 'image'; got {content_type!r}",
+            "send the image as the body with an image/* content type, or as multipart field 'image'; "
+            f"got {content_type!r}",
         )
     if not data:
         raise error(web.HTTPBadRequest, "the image is empty")
@@ -79,17 +80,24 @@ async def search(request: web.Request) -> web.Response:
         result = await loop.run_in_executor(node.executor, node.query, data, k, collection, category)
     except InvalidImage as e:
         raise error(web.HTTPBadRequest, str(e)) from e
-    return web.json_response({
-        "collection": collection,
-        "category": category,
-        "hits": [_hit(h) for h in result.hits],
-        "items": [
-            {"box": list(item.box), "label": item.label, "category": item.category,
-             "score": item.score, "hits": [_hit(h) for h in item.hits]}
-            for item in result.items
-        ],
-        "timings_ms": result.timings_ms,
-    })
+    return web.json_response(
+        {
+            "collection": collection,
+            "category": category,
+            "hits": [_hit(h) for h in result.hits],
+            "items": [
+                {
+                    "box": list(item.box),
+                    "label": item.label,
+                    "category": item.category,
+                    "score": item.score,
+                    "hits": [_hit(h) for h in item.hits],
+                }
+                for item in result.items
+            ],
+            "timings_ms": result.timings_ms,
+        }
+    )
 
 
 def _hit(hit) -> dict:
@@ -100,17 +108,19 @@ async def stats(request: web.Request) -> web.Response:
     node = request.app[NODE]
     consumer = request.app.get(CONSUMER)
     running = consumer is not None and consumer.running
-    return web.json_response({
-        "models": node.describe(),
-        "backend": "cpu-flat",
-        "records": {c: node.shards.records(c) for c in COLLECTIONS},
-        "shards": node.shards.sizes(),
-        "ingest": node.stats.snapshot(),
-        "consumer": {
-            "running": running,
-            "assigned": consumer is not None and consumer.assigned.is_set(),
-        },
-    })
+    return web.json_response(
+        {
+            "models": node.describe(),
+            "backend": "cpu-flat",
+            "records": {c: node.shards.records(c) for c in COLLECTIONS},
+            "shards": node.shards.sizes(),
+            "ingest": node.stats.snapshot(),
+            "consumer": {
+                "running": running,
+                "assigned": consumer is not None and consumer.assigned.is_set(),
+            },
+        }
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -142,4 +152,4 @@ async def _stop_executor(app: web.Application) -> None:
     app[NODE].executor.shutdown(wait=True)
 
 
-__all__ = ["create_app", "NODE"]
+__all__ = ["NODE", "create_app"]

@@ -71,15 +71,23 @@ class LocalBroker:
             raise BrokerError(f"port {self.port} is already in use; choose another with --broker-port")
         url = f"tcp://{self.host}:{self.port}"
         command = [
-            broker_binary(), "broker",
-            "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", self.storage,
+            broker_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            self.storage,
         ]
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._process = subprocess.Popen(
-                command, stdout=output, stderr=subprocess.STDOUT,
-                env={**os.environ, **(self.env or {})}, start_new_session=True,
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(self.env or {})},
+                start_new_session=True,
             )
         finally:
             if self.log_path:
@@ -111,5 +119,7 @@ class LocalBroker:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

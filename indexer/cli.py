@@ -14,7 +14,9 @@ from indexer.config import LOCAL_BROKER_PORT, Settings
 log = logging.getLogger("lookstream")
 
 config_option = click.option(
-    "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="TOML settings file (see docs/configuration.md).",
 )
 
@@ -34,7 +36,8 @@ def main(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for noisy in ("kafka", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @main.command()
@@ -42,8 +45,13 @@ def main(verbose: bool) -> None:
 @click.option("--port", type=int, help="HTTP port of the query API (default 8080).")
 @click.option("--host", help="HTTP interface (default 127.0.0.1).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the node keeps its files.")
-@click.option("--broker-port", type=int, default=LOCAL_BROKER_PORT, show_default=True,
-              help="Port of the local broker started when no --bootstrap-servers is given.")
+@click.option(
+    "--broker-port",
+    type=int,
+    default=LOCAL_BROKER_PORT,
+    show_default=True,
+    help="Port of the local broker started when no --bootstrap-servers is given.",
+)
 @click.option("--bootstrap-servers", help="HOST:PORT of a Kafka cluster; no local broker is started.")
 def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> None:
     """Run a node: local broker (unless --bootstrap-servers), topics, consumers and the API."""
@@ -55,8 +63,13 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
     from indexer.topics import ensure_topics
 
     settings = _settings(
-        config_path, **{"api.port": port, "api.host": host, "data_dir": data_dir,
-                        "kafka.bootstrap_servers": bootstrap_servers or f"127.0.0.1:{broker_port}"}
+        config_path,
+        **{
+            "api.port": port,
+            "api.host": host,
+            "data_dir": data_dir,
+            "kafka.bootstrap_servers": bootstrap_servers or f"127.0.0.1:{broker_port}",
+        },
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     broker = None
@@ -72,7 +85,9 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
         node = build_node(settings)
         url = f"http://{settings.api.host}:{settings.api.port}"
         web.run_app(
-            create_app(node), host=settings.api.host, port=settings.api.port,
+            create_app(node),
+            host=settings.api.host,
+            port=settings.api.port,
             print=lambda _: click.echo(f"lookstream API on {url}  (Ctrl-C to stop)"),
         )
     finally:
@@ -83,8 +98,13 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
 
 @main.command()
 @click.option("--port", type=int, default=LOCAL_BROKER_PORT, show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("lookstream-data"),
-              show_default=True, help="Where broker.log goes.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("lookstream-data"),
+    show_default=True,
+    help="Where broker.log goes.",
+)
 def broker(port: int, data_dir: Path) -> None:
     """Run the local Kafka-protocol broker alone, until Ctrl-C or SIGTERM."""
     from indexer.broker import BrokerError, LocalBroker
@@ -118,9 +138,7 @@ def _produce(kind: str, path: Path, config_path: Path | None, bootstrap_servers:
 
     settings = _settings(config_path, **{"kafka.bootstrap_servers": bootstrap_servers})
     kafka = settings.kafka
-    events, topic = (
-        (product_events, kafka.topics.products) if kind == "products" else (post_events, kafka.topics.posts)
-    )
+    events, topic = (product_events, kafka.topics.products) if kind == "products" else (post_events, kafka.topics.posts)
     try:
         producer = make_producer(kafka)
     except KafkaError as e:
@@ -159,8 +177,11 @@ def plugins(config_path) -> None:
 
     settings = _settings(config_path)
     table = provided_names(build_plugin_manager(settings.disabled_plugins))
-    selected = {"detector": settings.models.detector, "encoder": settings.models.encoder,
-                "classifier": settings.models.classifier}
+    selected = {
+        "detector": settings.models.detector,
+        "encoder": settings.models.encoder,
+        "classifier": settings.models.classifier,
+    }
     for plugin, roles in sorted(table.items()):
         click.echo(plugin)
         for role, names in roles.items():

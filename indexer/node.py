@@ -73,18 +73,27 @@ class Node:
         whole_vector = whole.vector if whole is not None else self.pipeline.encode([image])[0]
         analysed = time.perf_counter()
         results = [
-            QueryItem(item.box, item.label, item.category, item.score,
-                      self.shards.search(item.vector, k, collection, category))
+            QueryItem(
+                item.box,
+                item.label,
+                item.category,
+                item.score,
+                self.shards.search(item.vector, k, collection, category),
+            )
             for item in items
         ]
         hits = self.shards.search(whole_vector, k, collection, category)
         done = time.perf_counter()
-        return QueryResult(results, hits, {
-            "decode": _ms(start, decoded),
-            "models": _ms(decoded, analysed),
-            "search": _ms(analysed, done),
-            "total": _ms(start, done),
-        })
+        return QueryResult(
+            results,
+            hits,
+            {
+                "decode": _ms(start, decoded),
+                "models": _ms(decoded, analysed),
+                "search": _ms(analysed, done),
+                "total": _ms(start, done),
+            },
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -104,7 +113,9 @@ def build_node(settings: Settings) -> Node:
     pm = build_plugin_manager(settings.disabled_plugins)
     context = ModelContext(device=resolve_device(settings.models.device), cpu_threads=settings.models.cpu_threads)
     models = load_models(pm, settings.models.detector, settings.models.encoder, settings.models.classifier, context)
-    log.info("models: %s/%s/%s on %s", models.detector.name, models.encoder.name, models.classifier.name, context.device)
+    log.info(
+        "models: %s/%s/%s on %s", models.detector.name, models.encoder.name, models.classifier.name, context.device
+    )
     # One forward pass now, so the first event is not the one that pays for lazy initialisation.
     models.encoder.encode([Image.new("RGB", (64, 64))])
     return Node.create(settings, models)

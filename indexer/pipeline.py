@@ -58,9 +58,7 @@ Outcome = Upsert | Delete | Rejected
 
 
 class Pipeline:
-    def __init__(
-        self, models: Models, *, batch_size: int, max_pixels: int, file_roots: tuple[Path, ...] = ()
-    ) -> None:
+    def __init__(self, models: Models, *, batch_size: int, max_pixels: int, file_roots: tuple[Path, ...] = ()) -> None:
         self.models = models
         self.batch_size = batch_size
         self.max_pixels = max_pixels

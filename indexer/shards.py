@@ -104,7 +104,10 @@ class Shard:
         self.dim = dim
         self.state = _State(
             np.empty((_INITIAL_CAPACITY, dim), dtype=np.float32),
-            np.full(_INITIAL_CAPACITY, NEVER, dtype=np.int64), [], 0, 0,
+            np.full(_INITIAL_CAPACITY, NEVER, dtype=np.int64),
+            [],
+            0,
+            0,
         )
         self._rows: dict[int, int] = {}  # item key -> row
 
@@ -171,8 +174,19 @@ class ShardSet:
                     keys, vectors, metas = appends.setdefault(shard_key, ([], [], []))
                     keys.append(key)
                     vectors.append(item.vector)
-                    metas.append(ItemMeta(op.collection, item.category, op.record_id, position,
-                                          item.box, item.label, item.score, op.ts, op.attrs))
+                    metas.append(
+                        ItemMeta(
+                            op.collection,
+                            item.category,
+                            op.record_id,
+                            position,
+                            item.box,
+                            item.label,
+                            item.score,
+                            op.ts,
+                            op.attrs,
+                        )
+                    )
                     placed.append((shard_key, key))
                 self._records[record] = placed
                 self._record_counts[op.collection] = self._record_counts.get(op.collection, 0) + 1

@@ -22,7 +22,12 @@ class IngestStats:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_batch(
-        self, consumed: int, indexed: int, deleted: int, rejected: list[str], offsets: dict[str, int],
+        self,
+        consumed: int,
+        indexed: int,
+        deleted: int,
+        rejected: list[str],
+        offsets: dict[str, int],
         freshness_ms: int | None,
     ) -> None:
         with self._lock:

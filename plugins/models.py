@@ -60,7 +60,5 @@ class Encoder(Protocol):
 class Classifier(Protocol):
     name: str
 
-    def classify(
-        self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]
-    ) -> list[str]:
+    def classify(self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]) -> list[str]:
         """Return the category (shard name) of each crop."""

@@ -63,8 +63,13 @@ def product_events(root: Path, max_bytes: int, max_pixels: int) -> Iterator[Even
             if isinstance(data, Skipped):
                 yield data
                 continue
-            yield Event("product.upsert", product_id, now_ms(), image=data,
-                        attrs={"category": category_dir.name, "source": path.name})
+            yield Event(
+                "product.upsert",
+                product_id,
+                now_ms(),
+                image=data,
+                attrs={"category": category_dir.name, "source": path.name},
+            )
 
 
 def post_events(root: Path, max_bytes: int, max_pixels: int) -> Iterator[Event | Skipped]:

@@ -42,15 +42,17 @@ def unique() -> str:
 @pytest.fixture
 def kafka_settings(broker, unique) -> Settings:
     """Settings whose topics and group are this test's own, on the shared broker."""
-    return Settings.model_validate({
-        "kafka": {
-            "bootstrap_servers": broker.bootstrap_servers,
-            "group_id": f"test-{unique}",
-            "topics": {
-                "products": f"products-{unique}",
-                "posts": f"posts-{unique}",
-                "dead_letter": f"dead-letter-{unique}",
-            },
-            "partitions": 2,
+    return Settings.model_validate(
+        {
+            "kafka": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                "group_id": f"test-{unique}",
+                "topics": {
+                    "products": f"products-{unique}",
+                    "posts": f"posts-{unique}",
+                    "dead_letter": f"dead-letter-{unique}",
+                },
+                "partitions": 2,
+            }
         }
-    })
+    )

@@ -29,9 +29,7 @@ class EventAttrsClassifier:
     def __init__(self, context: ModelContext) -> None:
         del context
 
-    def classify(
-        self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]
-    ) -> list[str]:
+    def classify(self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]) -> list[str]:
         return [normalise_category(a.get("category")) for a in attrs]
 
 
@@ -43,9 +41,7 @@ class DetectorLabelClassifier:
     def __init__(self, context: ModelContext) -> None:
         del context
 
-    def classify(
-        self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]
-    ) -> list[str]:
+    def classify(self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]) -> list[str]:
         return [normalise_category(d.label) for d in detections]
 
 

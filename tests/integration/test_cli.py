@@ -44,17 +44,37 @@ def test_up_then_produce_makes_every_product_its_own_first_hit(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     node = subprocess.Popen(
-        [*LOOKSTREAM, "up", "--port", str(api_port), "--broker-port", str(broker_port),
-         "--data-dir", str(tmp_path / "data")],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            *LOOKSTREAM,
+            "up",
+            "--port",
+            str(api_port),
+            "--broker-port",
+            str(broker_port),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     base = f"http://127.0.0.1:{api_port}"
     try:
         wait_until(lambda: json.loads(http(f"{base}/stats"))["consumer"]["assigned"], 60, "consumer assignment")
         produced = subprocess.run(
-            [*LOOKSTREAM, "produce", "products", str(tmp_path / "catalog"),
-             "--bootstrap-servers", f"127.0.0.1:{broker_port}", "--no-progress"],
-            capture_output=True, text=True, env=env, timeout=60,
+            [
+                *LOOKSTREAM,
+                "produce",
+                "products",
+                str(tmp_path / "catalog"),
+                "--bootstrap-servers",
+                f"127.0.0.1:{broker_port}",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
         )
         published = time.monotonic()
         assert produced.returncode == 0, produced.stderr
@@ -70,8 +90,10 @@ def test_up_then_produce_makes_every_product_its_own_first_hit(tmp_path):
 
         wait_until(all_first_hits, 30, "every product first for its own image")
         freshness = json.loads(http(f"{base}/stats"))["ingest"]["freshness_ms"]
-        print(f"publish -> all 50 checked searchable: {time.monotonic() - published:.2f} s; "
-              f"event ts -> searchable, slowest event: {freshness['max']} ms")
+        print(
+            f"publish -> all 50 checked searchable: {time.monotonic() - published:.2f} s; "
+            f"event ts -> searchable, slowest event: {freshness['max']} ms"
+        )
     finally:
         node.send_signal(signal.SIGTERM)
         code = node.wait(30)

@@ -108,8 +108,10 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_the_good_ones_around_t
     assert body["ingest"]["rejected"] == 5 and body["ingest"]["consumed"] == 11
 
     consumer = KafkaConsumer(
-        names.dead_letter, bootstrap_servers=topics.kafka.bootstrap_servers,
-        auto_offset_reset="earliest", consumer_timeout_ms=10_000,
+        names.dead_letter,
+        bootstrap_servers=topics.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
     )
     letters = {}
     for message in consumer:

@@ -14,8 +14,16 @@ JPEG = {"Content-Type": "image/jpeg"}
 def node(default_models):
     settings = Settings.model_validate({"api": {"max_request_bytes": 200_000, "max_k": 20}})
     node = Node.create(settings, default_models)
-    events = [Event("product.upsert", f"p{i}", i, image=encoded(product_image(i)),
-                    attrs={"category": ("top", "bag")[i % 2], "title": f"item {i}"}) for i in range(6)]
+    events = [
+        Event(
+            "product.upsert",
+            f"p{i}",
+            i,
+            image=encoded(product_image(i)),
+            attrs={"category": ("top", "bag")[i % 2], "title": f"item {i}"},
+        )
+        for i in range(6)
+    ]
     node.shards.apply(node.pipeline.process(events))
     return node
 

@@ -26,8 +26,10 @@ def saved(image: Image.Image, fmt: str, **kwargs) -> bytes:
         saved(Image.new("LA", (20, 10), (9, 200)), "PNG"),
         saved(Image.new("RGB", (20, 10), "blue"), "WEBP"),
         saved(
-            Image.new("RGB", (20, 10), "red"), "PNG",
-            save_all=True, append_images=[Image.new("RGB", (20, 10), "blue")],
+            Image.new("RGB", (20, 10), "red"),
+            "PNG",
+            save_all=True,
+            append_images=[Image.new("RGB", (20, 10), "blue")],
         ),
     ],
     ids=["cmyk", "16-bit", "alpha", "palette", "grey-alpha", "webp", "animated"],
@@ -97,5 +99,5 @@ def test_symlink_out_of_roots_is_refused(tmp_path):
 
 
 def test_no_roots_refuses_every_file_uri(tmp_path):
-    with pytest.raises(InvalidImage, match="no images.file_roots"):
+    with pytest.raises(InvalidImage, match=r"no images\.file_roots"):
         read_image_uri((tmp_path / "a.jpg").as_uri(), ())

@@ -97,6 +97,12 @@ def test_classifiers_use_attrs_or_detector_label(default_models):
     detections = [Detection((0, 0, 1, 1), label, 1.0) for label in ("Top", None, "bag")]
     attrs = [{"category": "Outer Wear"}, {}, {"category": 3}]
     assert registry(pm, "classifier").create("event-attrs", CPU).classify(crops, detections, attrs) == [
-        "outer-wear", "uncategorized", "uncategorized"]
+        "outer-wear",
+        "uncategorized",
+        "uncategorized",
+    ]
     assert registry(pm, "classifier").create("detector-label", CPU).classify(crops, detections, attrs) == [
-        "top", "uncategorized", "bag"]
+        "top",
+        "uncategorized",
+        "bag",
+    ]
