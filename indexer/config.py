@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,6 +58,8 @@ class ModelSettings(BaseModel):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
     batch_size: int = Field(32, ge=1)
+    #: Per-model options by model name, e.g. ``[models.options.fashion-swin] name_or_path = "..."``.
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class ApiSettings(BaseModel):

@@ -112,7 +112,8 @@ def _ms(a: float, b: float) -> float:
 def build_node(settings: Settings) -> Node:
     pm = build_plugin_manager(settings.disabled_plugins)
     context = ModelContext(device=resolve_device(settings.models.device), cpu_threads=settings.models.cpu_threads)
-    models = load_models(pm, settings.models.detector, settings.models.encoder, settings.models.classifier, context)
+    s = settings.models
+    models = load_models(pm, s.detector, s.encoder, s.classifier, context, s.options)
     log.info(
         "models: %s/%s/%s on %s", models.detector.name, models.encoder.name, models.classifier.name, context.device
     )

@@ -8,7 +8,9 @@ disabled names and checks that every implementation matches a spec.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import pluggy
 
@@ -21,6 +23,7 @@ DEFAULT_PLUGINS = (
     "plugins.builtin.whole_image",
     "plugins.builtin.efficientnet",
     "plugins.builtin.classifiers",
+    "plugins.builtin.transformers_models",
 )
 
 ROLES = ("detector", "encoder", "classifier")
@@ -77,11 +80,24 @@ def resolve_device(requested: str) -> str:
 
 
 def load_models(
-    pm: pluggy.PluginManager, detector: str, encoder: str, classifier: str, context: ModelContext
+    pm: pluggy.PluginManager,
+    detector: str,
+    encoder: str,
+    classifier: str,
+    context: ModelContext,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Models:
-    """Instantiate the three configured models; an unknown name lists the known ones."""
+    """Instantiate the three configured models; an unknown name lists the known ones.
+
+    Each factory gets ``context`` with the options configured for its own name.
+    """
+    options = options or {}
+
+    def create(role: str, name: str):
+        return registry(pm, role).create(name, replace(context, options=options.get(name, {})))
+
     return Models(
-        detector=registry(pm, "detector").create(detector, context),
-        encoder=registry(pm, "encoder").create(encoder, context),
-        classifier=registry(pm, "classifier").create(classifier, context),
+        detector=create("detector", detector),
+        encoder=create("encoder", encoder),
+        classifier=create("classifier", classifier),
     )

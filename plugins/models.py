@@ -7,7 +7,8 @@ images (the pipeline converted them already).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -31,10 +32,19 @@ class Detection:
 
 @dataclass(frozen=True)
 class ModelContext:
-    """What a model factory may use: where to run and how many CPU threads."""
+    """What a model factory may use: where to run, CPU threads, and its own options.
+
+    ``options`` is the ``[models.options.<name>]`` table of the config for the
+    model being built (for example ``name_or_path`` or a label table).
+    """
 
     device: str  # "cpu" or "cuda"
     cpu_threads: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ModelNotAvailable(RuntimeError):
+    """The model's files are not on this machine; the message says how to provide them."""
 
 
 @runtime_checkable

@@ -13,22 +13,13 @@ import numpy as np
 from PIL import Image
 
 from plugins import hookimpl
+from plugins.builtin.preprocess import resize_normalise
 from plugins.models import ModelContext
 
-INPUT_SIZE = 224
+INPUT_SIZE = (224, 224)
 # The Lite models were trained on (pixel - 127) / 128, not on ImageNet mean/std.
-PIXEL_MEAN = 127.0
-PIXEL_STD = 128.0
-
-
-def preprocess(images: list[Image.Image]) -> np.ndarray:
-    """Resize each image to the input size (whole image, no crop) into an NCHW float32 batch."""
-    batch = np.empty((len(images), INPUT_SIZE, INPUT_SIZE, 3), dtype=np.float32)
-    for i, image in enumerate(images):
-        batch[i] = np.asarray(image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR))
-    batch -= PIXEL_MEAN
-    batch /= PIXEL_STD
-    return batch.transpose(0, 3, 1, 2)
+PIXEL_MEAN = (127 / 255,) * 3
+PIXEL_STD = (128 / 255,) * 3
 
 
 class EfficientNetLite0Encoder:
@@ -55,7 +46,7 @@ class EfficientNetLite0Encoder:
 
         if not crops:
             return np.empty((0, self.dim), dtype=np.float32)
-        batch = torch.from_numpy(np.ascontiguousarray(preprocess(crops)))
+        batch = torch.from_numpy(resize_normalise(crops, INPUT_SIZE, PIXEL_MEAN, PIXEL_STD))
         with torch.inference_mode():
             x = batch.to(self._device, self._dtype, non_blocking=True)
             features = self._model.extract_features(x).mean(dim=(2, 3)).float()

@@ -40,13 +40,14 @@ def test_builtins_provide_the_default_names():
 def test_a_registered_plugin_is_selectable_by_name():
     pm = build_plugin_manager()
     pm.register(ThirdPartyPlugin(), name="third-party")
-    models = load_models(pm, "whole-image", "constant", "event-attrs", CPU)
-    assert isinstance(models.encoder, ConstantEncoder) and models.encoder.context is CPU
+    models = load_models(pm, "whole-image", "constant", "event-attrs", CPU, {"constant": {"scale": 2}})
+    assert isinstance(models.encoder, ConstantEncoder)
+    assert models.encoder.context == ModelContext("cpu", options={"scale": 2})
     assert provided_names(pm)["third-party"] == {"encoder": ["constant"]}
 
 
 def test_unknown_name_lists_the_installed_ones():
-    with pytest.raises(UnknownModel, match=r"no encoder named 'nope'; installed encoders: efficientnet-lite0"):
+    with pytest.raises(UnknownModel, match=r"no encoder named 'nope'; installed encoders: clip-vision, efficientnet-lite0, fashion-swin"):
         registry(build_plugin_manager(), "encoder").create("nope", CPU)
 
 
@@ -60,7 +61,7 @@ def test_two_plugins_with_one_name_are_refused():
 
 def test_disabled_builtin_is_not_registered():
     pm = build_plugin_manager(disabled=("plugins.builtin.whole_image",))
-    assert registry(pm, "detector").names == []
+    assert registry(pm, "detector").names == ["hf-object-detection"]
 
 
 def test_every_hook_is_documented_and_implemented_by_a_builtin():
