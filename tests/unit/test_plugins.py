@@ -33,7 +33,10 @@ class ThirdPartyPlugin:
 def test_builtins_provide_the_default_names():
     table = provided_names(build_plugin_manager())
     assert table["plugins.builtin.whole_image"] == {"detector": ["whole-image"]}
-    assert table["plugins.builtin.efficientnet"] == {"encoder": ["efficientnet-lite0"]}
+    assert table["plugins.builtin.efficientnet"] == {
+        "encoder": ["efficientnet-lite0"],
+        "classifier": ["imagenet-garments"],
+    }
     assert table["plugins.builtin.classifiers"] == {"classifier": ["detector-label", "event-attrs"]}
 
 
@@ -47,7 +50,8 @@ def test_a_registered_plugin_is_selectable_by_name():
 
 
 def test_unknown_name_lists_the_installed_ones():
-    with pytest.raises(UnknownModel, match=r"no encoder named 'nope'; installed encoders: clip-vision, efficientnet-lite0, fashion-swin"):
+    known = "clip-vision, efficientnet-lite0, fashion-swin"
+    with pytest.raises(UnknownModel, match=rf"no encoder named 'nope'; installed encoders: {known}"):
         registry(build_plugin_manager(), "encoder").create("nope", CPU)
 
 
@@ -107,3 +111,19 @@ def test_classifiers_use_attrs_or_detector_label(default_models):
         "uncategorized",
         "bag",
     ]
+
+
+def test_imagenet_garment_classifier_refuses_non_garments_and_maps_garment_mass():
+    from PIL import Image
+    from skimage import data
+
+    from plugins.builtin.efficientnet import IMAGENET_GARMENTS
+
+    assert set(IMAGENET_GARMENTS.values()) == {"bag", "bottom", "dress", "hat", "outer", "shoes", "top"}
+    classify = registry(build_plugin_manager(), "classifier").create("imagenet-garments", CPU).classify
+    photos = [Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())]  # an espresso, a cat
+    assert classify(photos, [], [{}, {}]) == ["uncategorized", "uncategorized"]
+    anything = registry(build_plugin_manager(), "classifier").create(
+        "imagenet-garments", ModelContext("cpu", options={"min_score": 0.0})
+    )
+    assert set(anything.classify(photos, [], [{}, {}])) <= set(IMAGENET_GARMENTS.values())
