@@ -61,6 +61,8 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
     from indexer.broker import BrokerError, LocalBroker
     from indexer.node import build_node
     from indexer.topics import ensure_topics
+    from plugins.models import ModelNotAvailable
+    from plugins.registry import UnknownModel
 
     settings = _settings(
         config_path,
@@ -82,7 +84,10 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
         click.echo(f"local broker on {broker.bootstrap_servers} (in memory: its events end with it)")
     try:
         ensure_topics(settings.kafka)
-        node = build_node(settings)
+        try:
+            node = build_node(settings)
+        except (ModelNotAvailable, UnknownModel, ValueError) as e:
+            raise click.ClickException(str(e)) from e
         url = f"http://{settings.api.host}:{settings.api.port}"
         web.run_app(
             create_app(node),
@@ -176,14 +181,90 @@ def plugins(config_path) -> None:
     from plugins.manager import build_plugin_manager, provided_names
 
     settings = _settings(config_path)
-    table = provided_names(build_plugin_manager(settings.disabled_plugins))
+    pm = build_plugin_manager(settings.disabled_plugins)
+    table = provided_names(pm)
+    packages = {pm.get_name(p): f" ({dist.project_name} {dist.version})" for p, dist in pm.list_plugin_distinfo()}
     selected = {
         "detector": settings.models.detector,
         "encoder": settings.models.encoder,
         "classifier": settings.models.classifier,
     }
     for plugin, roles in sorted(table.items()):
-        click.echo(plugin)
+        click.echo(plugin + packages.get(plugin, " (built in)"))
         for role, names in roles.items():
             marked = [f"{n} (selected)" if selected[role] == n else n for n in names]
             click.echo(f"  {role}s: {', '.join(marked)}")
+
+
+@main.group()
+def models() -> None:
+    """Manage model files for machines without hub access at run time."""
+
+
+@models.command()
+@click.argument("hub_id")
+@click.option("--revision", help="Branch, tag or commit of the hub repository.")
+def fetch(hub_id: str, revision: str | None) -> None:
+    """Download a hub model into the local cache, where name_or_path = HUB_ID then finds it offline.
+
+    Run this where the Hugging Face hub is reachable. For machines where it is
+    not, copy that cache (HF_HOME) over, or save the model to a directory and
+    set name_or_path to the directory.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        path = snapshot_download(hub_id, revision=revision)
+    except (HfHubHTTPError, OSError) as e:
+        raise click.ClickException(f"could not fetch {hub_id!r}: {e}") from e
+    click.echo(f"{hub_id} is in {path}")
+
+
+@main.command(name="evaluate")
+@config_option
+@click.option(
+    "--set",
+    "set_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A labelled set (gallery/, queries.jsonl); default: build the offline set.",
+)
+@click.option("--encoder", "encoders", multiple=True, help="Encoder to evaluate (repeatable; default: the config's).")
+@click.option(
+    "--photos",
+    type=click.IntRange(1, 15),
+    default=15,
+    show_default=True,
+    help="Photos the offline set is cut from (4 products each, 5 queries per product).",
+)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
+def evaluate_command(config_path, set_dir, encoders, photos, output) -> None:
+    """Recall@K (1, 5, 10, 20) and mAP of the configured models on a labelled query set."""
+    import dataclasses
+    import json
+    import tempfile
+
+    from indexer.evalset import build_offline_set
+    from indexer.evaluation import evaluate, markdown_table
+    from indexer.node import build_node
+    from plugins.models import ModelNotAvailable
+    from plugins.registry import UnknownModel
+
+    settings = _settings(config_path)
+    with tempfile.TemporaryDirectory(prefix="lookstream-eval-") as tmp:
+        root = set_dir or build_offline_set(Path(tmp), photos=photos)
+        reports = []
+        for encoder in encoders or (settings.models.encoder,):
+            run = settings.model_copy(update={"models": settings.models.model_copy(update={"encoder": encoder})})
+            try:
+                node = build_node(run)
+            except (ModelNotAvailable, UnknownModel, ValueError) as e:
+                raise click.ClickException(str(e)) from e
+            reports.append(evaluate(node, root))
+            node.executor.shutdown()
+    click.echo(markdown_table(reports))
+    for report in reports:
+        kinds = ", ".join(f"{kind} {value:.2f}" for kind, value in report.by_kind.items())
+        click.echo(f"{report.encoder}: Recall@1 by query kind: {kinds}")
+    if output:
+        output.write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=2) + "\n")

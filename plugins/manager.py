@@ -90,8 +90,14 @@ def load_models(
     """Instantiate the three configured models; an unknown name lists the known ones.
 
     Each factory gets ``context`` with the options configured for its own name.
+    ``context.cpu_threads`` sets torch's intra-op threads for the process here,
+    once, since torch has one such setting for all models.
     """
     options = options or {}
+    if context.cpu_threads:
+        import torch
+
+        torch.set_num_threads(context.cpu_threads)
 
     def create(role: str, name: str):
         return registry(pm, role).create(name, replace(context, options=options.get(name, {})))

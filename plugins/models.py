@@ -39,7 +39,7 @@ class ModelContext:
     """
 
     device: str  # "cpu" or "cuda"
-    cpu_threads: int | None = None
+    cpu_threads: int | None = None  # applied by plugins.manager.load_models
     options: Mapping[str, Any] = field(default_factory=dict)
 
 

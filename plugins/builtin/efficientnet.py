@@ -63,10 +63,6 @@ class EfficientNetLite0Encoder:
     dim = 1280
 
     def __init__(self, context: ModelContext) -> None:
-        import torch
-
-        if context.cpu_threads:
-            torch.set_num_threads(context.cpu_threads)
         self.device = context.device
         self.model, self.dtype = load_network(context.device)
 

@@ -50,8 +50,6 @@ def place(model: Any, context: ModelContext) -> tuple[Any, Any]:
     """Put a model in eval mode on the context's device (half precision on CUDA); return (model, dtype)."""
     import torch
 
-    if context.cpu_threads:
-        torch.set_num_threads(context.cpu_threads)
     dtype = torch.float16 if context.device == "cuda" else torch.float32
     return model.eval().to(context.device, dtype), dtype
 

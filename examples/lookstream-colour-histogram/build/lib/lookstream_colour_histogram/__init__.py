@@ -1,0 +1,1 @@
+"""Example lookstream plugin package: a colour-histogram encoder."""
