@@ -52,9 +52,11 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
 
     labels = ["bag", "bottom", "dress", "hat", "outer", "shoes", "top"]
     detr = ConditionalDetrConfig(
-        use_timm_backbone=False, use_pretrained_backbone=False,
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
         backbone_config=ResNetConfig(out_features=["stage4"]),  # ResNet-50
-        id2label=dict(enumerate(labels)), label2id={c: i for i, c in enumerate(labels)},
+        id2label=dict(enumerate(labels)),
+        label2id={c: i for i, c in enumerate(labels)},
     )
     AutoModelForObjectDetection.from_config(detr).save_pretrained(paths["detr"])
     ConditionalDetrImageProcessor().save_pretrained(paths["detr"])
@@ -101,12 +103,17 @@ def main() -> None:
             }[role]
             n = count * args.scale
             rate = time_model(run, images[:n], batch * args.scale, args.device)
-            results.append({"role": role, "model": name, "images": n, "batch": batch * args.scale,
-                            "images_per_s": round(rate, 2)})
+            results.append(
+                {"role": role, "model": name, "images": n, "batch": batch * args.scale, "images_per_s": round(rate, 2)}
+            )
             print(f"{role:10s} {name:22s} {rate:8.1f} images/s (batch {batch * args.scale})", flush=True)
             del model
-    machine = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu": platform.processor() or platform.machine()}
+    machine = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     if args.device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(0)
     if args.output:

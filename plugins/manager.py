@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = (
     "plugins.builtin.efficientnet",
     "plugins.builtin.classifiers",
     "plugins.builtin.transformers_models",
+    "plugins.builtin.ssd_street",
 )
 
 ROLES = ("detector", "encoder", "classifier")

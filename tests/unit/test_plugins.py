@@ -65,7 +65,7 @@ def test_two_plugins_with_one_name_are_refused():
 
 def test_disabled_builtin_is_not_registered():
     pm = build_plugin_manager(disabled=("plugins.builtin.whole_image",))
-    assert registry(pm, "detector").names == ["hf-object-detection"]
+    assert registry(pm, "detector").names == ["hf-object-detection", "ssd-street"]
 
 
 def test_every_hook_is_documented_and_implemented_by_a_builtin():
