@@ -1,56 +1,56 @@
-"""Live FAISS shards, one per (collection, category), searched while they grow.
+"""Live shards, one per (collection, category), searched while they grow and while they are rebuilt.
 
 Concurrency model: one writer (the consumer thread) and any number of readers
 (query handlers). Readers never take a lock and never wait for the writer, and
 each search sees one consistent moment of the whole shard set:
 
 * Every applied batch gets a sequence number. A row remembers the batch that
-  deleted it (``deleted_at``, "never" until then); a reader at sequence ``S``
-  treats rows deleted after ``S`` as live.
-* Vectors sit in preallocated arrays. The writer fills rows past the published
-  count and marks deletions with the new sequence number, then publishes a new
-  :class:`View` (sequence, and per shard an immutable :class:`_State` with its
-  row count) by replacing one reference. A reader that took the old view never
-  looks at the new rows and still sees the rows that batch deleted.
-* Growing or compacting copies into new arrays, so a reader's arrays are never
-  reallocated under it.
+  deleted it (``deleted_at``); a reader at sequence ``S`` treats rows deleted
+  after ``S`` as live (segments.py).
+* The writer fills rows past a growing segment's published count and marks
+  deletions with the new sequence number, then publishes a new :class:`View`
+  (sequence, and per shard its segments) by replacing one reference. A reader
+  holding the old view never looks at the new rows and still sees the rows
+  that batch deleted.
+* When a shard grows past ``IndexPolicy.growing_max_rows`` (or collects too
+  many deleted rows), a background thread builds a sealed index over the rows
+  live at some sequence ``S``. The writer swaps it in at a later batch: rows
+  deleted since ``S`` are marked deleted in it, rows added since ``S`` stay in
+  a fresh growing segment. Deleted rows are not copied, so a rebuild reclaims
+  their memory.
 
-So an upsert that moves a record to another category, or rewrites it in place,
-is never missing from, nor doubled in, any reader's results.
-
-Search is exact (``faiss.knn``, inner product of L2-normalised vectors) over a
-growing flat segment; sealed IVF/HNSW segments come later (docs/architecture.md).
+So an upsert that moves a record to another category, rewrites it in place, or
+lands while its shard is being rebuilt, is never missing from, nor doubled in,
+any reader's results.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 
 from indexer.pipeline import Delete, Upsert
+from indexer.segments import (
+    NEVER,
+    IndexPolicy,
+    ItemMeta,
+    Segment,
+    build_sealed,
+    empty_growing,
+    growing_from,
+)
 
-NEVER = np.iinfo(np.int64).max
-_INITIAL_CAPACITY = 256
-#: Compact once this many rows are dead (and a sixteenth of the shard).
+log = logging.getLogger(__name__)
+
+ShardKey = tuple[str, str]  # (collection, category)
+#: Compact the growing segment once this many of its rows are deleted (and a sixteenth of it).
 _COMPACT_AFTER = 1024
-
-
-@dataclass(frozen=True)
-class ItemMeta:
-    collection: str
-    category: str
-    record_id: str
-    item: int  # position of the item within its record (0 for a thumbnail)
-    box: tuple[int, int, int, int]
-    label: str | None
-    score: float
-    ts: int
-    attrs: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -64,101 +64,143 @@ class Hit:
 
 
 @dataclass(frozen=True)
-class _State:
-    vectors: np.ndarray  # (capacity, dim) float32
-    deleted_at: np.ndarray  # (capacity,) int64: sequence of the batch that deleted the row, or NEVER
-    metas: list[ItemMeta]  # one per row, appended in place
-    count: int  # rows published
-    dead: int  # rows deleted at or before the view's sequence
+class ShardState:
+    sealed: Segment | None
+    growing: Segment
 
-    def search(self, queries: np.ndarray, k: int, seq: int) -> list[list[tuple[float, ItemMeta]]]:
-        """Top-k live rows of each query as seen at sequence ``seq``."""
-        if self.count == 0:
-            return [[] for _ in queries]
-        wanted = min(self.count, k + self.dead)
-        scores, rows = faiss.knn(queries, self.vectors[: self.count], wanted, metric=faiss.METRIC_INNER_PRODUCT)
-        results = []
-        for q_scores, q_rows in zip(scores, rows):
-            found = []
-            for score, row in zip(q_scores.tolist(), q_rows.tolist()):
-                if row >= 0 and self.deleted_at[row] > seq:
-                    found.append((score, self.metas[row]))
-                    if len(found) == k:
-                        break
-            results.append(found)
-        return results
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return (self.growing,) if self.sealed is None else (self.sealed, self.growing)
+
+    @property
+    def live(self) -> int:
+        return sum(s.live for s in self.segments)
 
 
 @dataclass(frozen=True)
 class View:
-    """What a reader sees: a sequence number and each shard's state at it."""
+    """What a reader sees: a sequence number and each shard's segments at it."""
 
     seq: int
-    shards: dict[tuple[str, str], _State]
+    shards: dict[ShardKey, ShardState]
 
 
 class Shard:
-    """The writer's side of one shard: row bookkeeping and the current state."""
+    """The writer's side of one shard: where each item's row is, and the current segments."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, sealed: Segment | None = None, growing: Segment | None = None) -> None:
         self.dim = dim
-        self.state = _State(
-            np.empty((_INITIAL_CAPACITY, dim), dtype=np.float32),
-            np.full(_INITIAL_CAPACITY, NEVER, dtype=np.int64),
-            [],
-            0,
-            0,
-        )
-        self._rows: dict[int, int] = {}  # item key -> row
+        self.sealed = sealed
+        self.growing = growing or empty_growing(dim)
+        self._rows: dict[int, tuple[bool, int]] = {}  # item key -> (in sealed?, row)
+        for in_sealed, segment in ((True, sealed), (False, self.growing)):
+            if segment is not None:
+                for row in segment.live_rows(NEVER - 1).tolist():
+                    self._rows[int(segment.keys[row])] = (in_sealed, row)
+        self.building: Future | None = None
+
+    @property
+    def state(self) -> ShardState:
+        return ShardState(self.sealed, self.growing)
 
     def append(self, keys: list[int], vectors: np.ndarray, metas: list[ItemMeta]) -> None:
-        state = self.state
+        g = self.growing
         n = len(keys)
-        if state.count + n > len(state.deleted_at):
-            state = self._compacted(state, capacity=max(2 * len(state.deleted_at), state.count + n))
-        state.vectors[state.count : state.count + n] = vectors
-        state.metas.extend(metas)
-        self._rows.update(zip(keys, range(state.count, state.count + n)))
-        self.state = _State(state.vectors, state.deleted_at, state.metas, state.count + n, state.dead)
+        if g.count + n > len(g.keys):
+            g = self._compacted_growing(capacity=max(2 * len(g.keys), g.count + n))
+        g.vectors[g.count : g.count + n] = vectors
+        g.keys[g.count : g.count + n] = keys
+        g.metas.extend(metas)
+        self._rows.update((key, (False, row)) for key, row in zip(keys, range(g.count, g.count + n)))
+        self.growing = g.with_counts(count=g.count + n)
 
     def remove(self, keys: list[int], seq: int) -> None:
-        state = self.state
+        dead_sealed = dead_growing = 0
         for key in keys:
-            state.deleted_at[self._rows.pop(key)] = seq
-        state = _State(state.vectors, state.deleted_at, state.metas, state.count, state.dead + len(keys))
-        if state.dead >= max(_COMPACT_AFTER, state.count // 16):
-            state = self._compacted(state, capacity=max(_INITIAL_CAPACITY, 2 * (state.count - state.dead)))
-        self.state = state
+            in_sealed, row = self._rows.pop(key)
+            if in_sealed:
+                self.sealed.deleted_at[row] = seq
+                dead_sealed += 1
+            else:
+                self.growing.deleted_at[row] = seq
+                dead_growing += 1
+        if dead_sealed:
+            self.sealed = self.sealed.with_counts(dead=self.sealed.dead + dead_sealed)
+        if dead_growing:
+            self.growing = self.growing.with_counts(dead=self.growing.dead + dead_growing)
+            if self.growing.dead >= max(_COMPACT_AFTER, self.growing.count // 16):
+                self.growing = self._compacted_growing(capacity=max(256, 2 * self.growing.live))
 
-    def _compacted(self, state: _State, capacity: int) -> _State:
-        """New arrays holding the rows still live now; readers of the old arrays are unaffected."""
-        live = np.flatnonzero(state.deleted_at[: state.count] == NEVER)
-        vectors = np.empty((capacity, self.dim), dtype=np.float32)
-        vectors[: len(live)] = state.vectors[live]
-        metas = [state.metas[row] for row in live.tolist()]
-        row_of_old = {old: new for new, old in enumerate(live.tolist())}
-        self._rows = {key: row_of_old[row] for key, row in self._rows.items()}
-        return _State(vectors, np.full(capacity, NEVER, dtype=np.int64), metas, len(live), 0)
+    def _compacted_growing(self, capacity: int) -> Segment:
+        """The live rows of the growing segment in new arrays; readers of the old ones are unaffected."""
+        g = self.growing
+        live = g.live_rows(NEVER - 1)
+        fresh = growing_from(g.vectors[live], g.keys[live], [g.metas[r] for r in live.tolist()], capacity)
+        for row, key in enumerate(fresh.keys[: fresh.count].tolist()):
+            self._rows[key] = (False, row)
+        return fresh
+
+    def needs_rebuild(self, policy: IndexPolicy) -> bool:
+        """Seal once the shard is big enough for an index; rebuild when the growing part or the dead rows pile up."""
+        if self.building is not None or self.state.live < policy.seal_min_rows:
+            return False
+        sealed = self.sealed
+        if sealed is None or self.growing.count >= policy.growing_max_rows:
+            return True
+        return sealed.dead >= max(policy.rebuild_min_dead, policy.rebuild_dead_fraction * sealed.count)
+
+    def install(self, built: Segment, seq: int) -> None:
+        """Swap in a segment built from the rows live at some earlier sequence."""
+        included = set(built.keys[: built.count].tolist())
+        for row, key in enumerate(built.keys[: built.count].tolist()):
+            if key not in self._rows:  # deleted while the build ran
+                built.deleted_at[row] = seq
+        built = built.with_counts(dead=int((built.deleted_at[: built.count] != NEVER).sum()))
+        g = self.growing
+        rest = np.asarray([r for r in g.live_rows(NEVER - 1).tolist() if int(g.keys[r]) not in included], np.int64)
+        growing = growing_from(g.vectors[rest], g.keys[rest], [g.metas[r] for r in rest.tolist()], 256)
+        self._rows = {
+            key: (True, row)
+            for row, key in enumerate(built.keys[: built.count].tolist())
+            if built.deleted_at[row] == NEVER
+        }
+        self._rows.update((key, (False, row)) for row, key in enumerate(growing.keys[: growing.count].tolist()))
+        self.sealed, self.growing, self.building = built, growing, None
+
+
+def build_from_state(state: ShardState, seq: int, policy: IndexPolicy) -> Segment:
+    """Background job: a sealed segment over every row of ``state`` live at ``seq``."""
+    vectors, keys, metas = [], [], []
+    for segment in state.segments:
+        rows = segment.live_rows(seq)
+        vectors.append(segment.row_vectors(rows))
+        keys.append(segment.keys[rows])
+        metas.extend(segment.metas[r] for r in rows.tolist())
+    return build_sealed(np.concatenate(vectors), np.concatenate(keys), metas, policy)
 
 
 class ShardSet:
-    """All shards of a node: routes upserts and deletes, merges search results."""
+    """All shards of a node: routes upserts and deletes, merges search results, schedules rebuilds."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, policy: IndexPolicy | None = None) -> None:
         self.dim = dim
-        self._shards: dict[tuple[str, str], Shard] = {}  # writer-only
-        self._records: dict[tuple[str, str], list[tuple[tuple[str, str], int]]] = {}  # writer-only
+        self.policy = policy or IndexPolicy()
+        self._shards: dict[ShardKey, Shard] = {}  # writer-only
+        self._records: dict[tuple[str, str], list[tuple[ShardKey, int]]] = {}  # writer-only
         self._record_counts: dict[str, int] = {}
         self._keys = itertools.count()
         self._write_lock = threading.Lock()
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="lookstream-shard-build")
+        self.rebuilds = 0
         self.view = View(0, {})
 
     def apply(self, ops: list[Upsert | Delete]) -> None:
         """Apply a batch in order (later operations on a record win) and publish it at once."""
         with self._write_lock:
             seq = self.view.seq + 1
-            appends: dict[tuple[str, str], tuple[list[int], list[np.ndarray], list[ItemMeta]]] = {}
-            stale: dict[tuple[str, str], list[int]] = {}
+            self._install_finished(seq)
+            appends: dict[ShardKey, tuple[list[int], list[np.ndarray], list[ItemMeta]]] = {}
+            stale: dict[ShardKey, list[int]] = {}
             for op in ops:
                 record = (op.collection, op.record_id)
                 previous = self._records.pop(record, None)
@@ -196,7 +238,48 @@ class ShardSet:
                 self._shards[shard_key].append(keys, np.stack(vectors), metas)
             for shard_key, keys in stale.items():
                 self._shards[shard_key].remove(keys, seq)
-            self.view = View(seq, {key: shard.state for key, shard in self._shards.items()})
+            self._publish(seq)
+            self._schedule_rebuilds(seq)
+
+    def maintain(self) -> None:
+        """Swap in finished rebuilds even when no events arrive (the consumer calls this when idle)."""
+        with self._write_lock:
+            if any(s.building is not None and s.building.done() for s in self._shards.values()):
+                seq = self.view.seq + 1
+                self._install_finished(seq)
+                self._publish(seq)
+
+    def _publish(self, seq: int) -> None:
+        self.view = View(seq, {key: shard.state for key, shard in self._shards.items()})
+
+    def _schedule_rebuilds(self, seq: int) -> None:
+        for key, shard in self._shards.items():
+            if shard.needs_rebuild(self.policy):
+                log.info("rebuilding shard %s/%s (%d live rows)", *key, shard.state.live)
+                shard.building = self._builder.submit(build_from_state, shard.state, seq, self.policy)
+
+    def _install_finished(self, seq: int) -> None:
+        for key, shard in self._shards.items():
+            if shard.building is not None and shard.building.done():
+                try:
+                    built = shard.building.result()
+                except Exception:  # a failed build leaves the shard as it was; the next batch retries
+                    log.exception("rebuilding shard %s/%s failed", *key)
+                    shard.building = None
+                    continue
+                shard.install(built, seq)
+                self.rebuilds += 1
+                log.info("shard %s/%s now %s over %d rows", *key, built.kind, built.count)
+
+    def wait_for_rebuilds(self, timeout: float | None = None) -> None:
+        """Block until running rebuilds finish and are swapped in (tests and benchmarks)."""
+        for shard in list(self._shards.values()):
+            if shard.building is not None:
+                shard.building.exception(timeout)
+        self.maintain()
+
+    def close(self) -> None:
+        self._builder.shutdown(wait=True, cancel_futures=True)
 
     def search(self, vector: np.ndarray, k: int, collection: str, category: str | None = None) -> list[Hit]:
         """Top-k records by their best-matching item across the selected shards."""
@@ -205,8 +288,9 @@ class ShardSet:
         candidates: list[tuple[float, ItemMeta]] = []
         for (coll, cat), state in view.shards.items():
             if coll == collection and (category is None or cat == category):
-                # Ask for more than k: one record may hold several matching items.
-                candidates.extend(state.search(query, 2 * k, view.seq)[0])
+                for segment in state.segments:
+                    # Ask for more than k: one record may hold several matching items.
+                    candidates.extend(segment.search(query, 2 * k, view.seq)[0])
         candidates.sort(key=lambda c: -c[0])
         hits: dict[str, Hit] = {}
         for score, meta in candidates:
@@ -221,6 +305,13 @@ class ShardSet:
 
     def sizes(self) -> list[dict[str, Any]]:
         return [
-            {"collection": coll, "category": cat, "vectors": state.count - state.dead}
+            {
+                "collection": coll,
+                "category": cat,
+                "vectors": state.live,
+                "sealed": None if state.sealed is None else state.sealed.kind,
+                "sealed_rows": 0 if state.sealed is None else state.sealed.live,
+                "growing_rows": state.growing.live,
+            }
             for (coll, cat), state in sorted(self.view.shards.items())
         ]

@@ -87,9 +87,9 @@ async def test_multipart_without_image_field(client):
 async def test_stats_and_healthz(client):
     stats = await (await client.get("/stats")).json()
     assert stats["records"] == {"products": 6, "posts": 0}
-    assert stats["shards"] == [
-        {"collection": "products", "category": "bag", "vectors": 3},
-        {"collection": "products", "category": "top", "vectors": 3},
+    assert [(s["collection"], s["category"], s["vectors"], s["sealed"]) for s in stats["shards"]] == [
+        ("products", "bag", 3, None),
+        ("products", "top", 3, None),
     ]
     assert stats["models"]["encoder"] == "efficientnet-lite0" and stats["consumer"]["running"] is False
     assert (await (await client.get("/healthz")).json()) == {"status": "ok"}

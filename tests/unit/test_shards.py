@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from indexer.pipeline import Delete, Item, Upsert
-from indexer.shards import NEVER, ItemMeta, Shard, ShardSet
+from indexer.segments import NEVER, IndexPolicy, ItemMeta
+from indexer.shards import Shard, ShardSet
 
 DIM = 16
 
@@ -36,11 +37,11 @@ def test_shard_matches_brute_force_after_appends_and_removes():
     removed = list(range(0, 3000, 3))  # enough dead rows to trigger a compaction
     shard.remove(removed, seq=1)
     live = np.setdiff1d(keys, removed)
-    assert shard.state.count - shard.state.dead == len(live)
+    assert shard.state.live == len(live)
 
     queries = unit_vectors(5, seed=1)
     expected = live[np.argsort(-(queries @ data[live].T), axis=1)[:, :10]]
-    assert found_ids(shard.state, queries, 10) == expected.tolist()
+    assert found_ids(shard.growing, queries, 10) == expected.tolist()
 
 
 def test_dead_rows_below_compaction_are_skipped_but_k_live_rows_come_back():
@@ -48,7 +49,7 @@ def test_dead_rows_below_compaction_are_skipped_but_k_live_rows_come_back():
     data = unit_vectors(50)
     shard.append(list(range(50)), data, metas(range(50)))
     shard.remove(list(range(10)), seq=1)
-    found = found_ids(shard.state, data[:1], 5)[0]
+    found = found_ids(shard.growing, data[:1], 5)[0]
     assert len(set(found)) == 5 and not set(found) & set(range(10))
 
 
@@ -57,15 +58,15 @@ def test_a_reader_at_an_older_sequence_still_sees_rows_deleted_later():
     data = unit_vectors(5)
     shard.append(list(range(5)), data, metas(range(5)))
     shard.remove([0], seq=2)
-    assert found_ids(shard.state, data[:1], 1, seq=1) == [[0]]
-    assert found_ids(shard.state, data[:1], 1, seq=2) != [[0]]
+    assert found_ids(shard.growing, data[:1], 1, seq=1) == [[0]]
+    assert found_ids(shard.growing, data[:1], 1, seq=2) != [[0]]
 
 
 def test_empty_and_short_shards_return_what_they_have():
     shard = Shard(DIM)
-    assert found_ids(shard.state, unit_vectors(1), 3) == [[]]
+    assert found_ids(shard.growing, unit_vectors(1), 3) == [[]]
     shard.append([7], unit_vectors(1), metas([7]))
-    assert found_ids(shard.state, unit_vectors(1), 3) == [[7]]
+    assert found_ids(shard.growing, unit_vectors(1), 3) == [[7]]
 
 
 def test_own_vector_is_first_hit_and_attrs_come_back():
@@ -138,3 +139,98 @@ def test_readers_never_fail_or_miss_a_record_while_it_is_rewritten():
         t.join()
     assert problems == []
     assert shards.records("products") == 200 and sum(s["vectors"] for s in shards.sizes()) == 200
+
+
+SMALL = IndexPolicy(seal_min_rows=200, growing_max_rows=150, hnsw_max_rows=1_000, hnsw_m=16, rebuild_min_dead=50)
+
+
+def fill(shards: ShardSet, data: np.ndarray, start: int = 0, batch: int = 50, **kw) -> None:
+    for i in range(start, start + len(data), batch):
+        shards.apply([upsert(f"p{j}", [data[j - start]], **kw) for j in range(i, min(i + batch, start + len(data)))])
+
+
+IVF = IndexPolicy(seal_min_rows=500, growing_max_rows=10_000, hnsw_max_rows=300)
+
+
+@pytest.mark.parametrize(("policy", "kind"), [(SMALL, "hnsw"), (IVF, "ivf")])
+def test_a_growing_shard_is_sealed_into_an_index_and_still_finds_every_item(policy, kind):
+    shards = ShardSet(DIM, policy)
+    data = unit_vectors(600)
+    fill(shards, data)
+    shards.wait_for_rebuilds(timeout=60)
+    (size,) = shards.sizes()
+    assert size["sealed"] == kind and size["vectors"] == 600 and shards.rebuilds >= 1
+    assert size["sealed_rows"] + size["growing_rows"] == 600
+    found = sum(shards.search(data[i], 1, "products")[0].id == f"p{i}" for i in range(600))
+    assert found >= 0.95 * 600
+
+
+def test_writes_made_while_a_rebuild_runs_stay_correct_after_the_swap(monkeypatch):
+    import indexer.shards as shards_module
+
+    gate = threading.Event()
+    real_build = shards_module.build_from_state
+
+    def gated_build(*args):
+        gate.wait(30)
+        return real_build(*args)
+
+    monkeypatch.setattr(shards_module, "build_from_state", gated_build)
+    shards = ShardSet(DIM, SMALL)
+    data = unit_vectors(400)
+    fill(shards, data[:250])  # crosses seal_min_rows: a build starts and waits at the gate
+    assert any(s.building is not None for s in shards._shards.values())
+    shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 50)])  # deletes of rows being sealed
+    shards.apply([upsert(f"p{i}", [data[300 + i]]) for i in range(50, 60)])  # rewrites of rows being sealed
+    fill(shards, data[250:300], start=250)  # new rows
+    gate.set()
+    shards.wait_for_rebuilds(timeout=60)
+    assert shards.rebuilds >= 1 and shards.sizes()[0]["sealed"] == "hnsw"
+
+    assert shards.records("products") == 250 and shards.sizes()[0]["vectors"] == 250
+    for i in range(0, 50):
+        assert all(h.id != f"p{i}" for h in shards.search(data[i], 3, "products"))
+    for i in range(50, 60):
+        hit = shards.search(data[300 + i], 1, "products")[0]
+        assert hit.id == f"p{i}" and hit.score == pytest.approx(1.0, abs=1e-4)
+    for i in range(60, 300):
+        assert shards.search(data[i], 1, "products")[0].id == f"p{i}"
+
+
+def test_rebuild_drops_deleted_rows():
+    shards = ShardSet(DIM, SMALL)
+    data = unit_vectors(400)
+    fill(shards, data)
+    shards.wait_for_rebuilds(timeout=60)
+    shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 400, 2)])  # half: triggers a rebuild
+    shards.apply([])
+    shards.wait_for_rebuilds(timeout=60)
+    state = shards.view.shards[("products", "top")]
+    assert state.live == 200 and state.sealed.count + state.growing.count <= 200 + 150
+
+
+def test_readers_never_miss_a_record_while_shards_are_rebuilt_under_them():
+    shards = ShardSet(DIM, SMALL)
+    data = unit_vectors(300)
+    fill(shards, data)
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def reader():
+        rng = np.random.default_rng()
+        while not stop.is_set():
+            i = int(rng.integers(300))
+            hits = shards.search(data[i], 1, "products")
+            if not hits or hits[0].id != f"p{i}":
+                problems.append(f"p{i}: {[h.id for h in hits]}")
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(15):
+        fill(shards, data, batch=100)  # every record rewritten: rebuilds keep starting and swapping
+        shards.wait_for_rebuilds(timeout=60)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert shards.rebuilds >= 2 and problems == []

@@ -1,0 +1,159 @@
+"""Segments: the immutable-once-published row stores a shard searches.
+
+A shard has at most one *sealed* segment (a FAISS HNSW or IVF index built in
+the background, or an exact flat one while the shard is small) and one
+*growing* segment (a preallocated float32 array searched exactly with
+``faiss.knn``). Rows are never removed in place: a delete writes the sequence
+number of its batch into ``deleted_at``, and a reader at sequence ``S`` skips
+rows deleted at or before ``S``. Readers therefore never lock (see shards.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import faiss
+import numpy as np
+
+NEVER = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class ItemMeta:
+    collection: str
+    category: str
+    record_id: str
+    item: int  # position of the item within its record (0 for a thumbnail)
+    box: tuple[int, int, int, int]
+    label: str | None
+    score: float
+    ts: int
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class IndexPolicy:
+    """When to seal a shard into an ANN index, and which one (see docs/architecture.md)."""
+
+    seal_min_rows: int = 10_000  # below this, exact search is fast enough
+    growing_max_rows: int = 20_000  # rebuild once the growing segment is this large
+    rebuild_dead_fraction: float = 0.2  # ...or this share of the sealed rows are deleted
+    rebuild_min_dead: int = 1024  # ...and at least this many
+    hnsw_max_rows: int = 200_000  # HNSW up to here, IVF above
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 128
+    ivf_nprobe_fraction: float = 1 / 16
+
+
+@dataclass(frozen=True)
+class Segment:
+    kind: str  # "flat" (growing or small sealed), "hnsw", "ivf"
+    keys: np.ndarray  # (capacity,) int64 item key of each row
+    deleted_at: np.ndarray  # (capacity,) int64: sequence of the deleting batch, or NEVER
+    metas: list[ItemMeta]  # one per row (appended in place for the growing segment)
+    count: int  # rows published
+    dead: int  # rows deleted among them, as of the view that holds this object
+    vectors: np.ndarray | None = None  # flat rows (capacity, dim)
+    index: Any = None  # FAISS index for hnsw / ivf
+    search_params: Any = None
+
+    @property
+    def live(self) -> int:
+        return self.count - self.dead
+
+    def search(self, queries: np.ndarray, k: int, seq: int) -> list[list[tuple[float, ItemMeta]]]:
+        """Top-k rows of each query that are live at sequence ``seq``."""
+        if self.count == 0:
+            return [[] for _ in queries]
+        wanted = min(self.count, k + self.dead)
+        if self.index is None:
+            scores, rows = faiss.knn(queries, self.vectors[: self.count], wanted, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            scores, rows = self.index.search(queries, wanted, params=self.search_params)
+        results = []
+        for q_scores, q_rows in zip(scores.tolist(), rows.tolist()):
+            found = []
+            for score, row in zip(q_scores, q_rows):
+                if 0 <= row < self.count and self.deleted_at[row] > seq:
+                    found.append((score, self.metas[row]))
+                    if len(found) == k:
+                        break
+            results.append(found)
+        return results
+
+    def live_rows(self, seq: int) -> np.ndarray:
+        return np.flatnonzero(self.deleted_at[: self.count] > seq)
+
+    def row_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of some rows (reconstructed from the index for sealed segments)."""
+        if self.index is None:
+            return self.vectors[rows]
+        if not len(rows):
+            return np.empty((0, self.index.d), np.float32)
+        return self.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+
+    def with_counts(self, count: int | None = None, dead: int | None = None) -> Segment:
+        return replace(self, count=self.count if count is None else count, dead=self.dead if dead is None else dead)
+
+
+def empty_growing(dim: int, capacity: int = 256) -> Segment:
+    return Segment(
+        "flat",
+        np.full(capacity, -1, np.int64),
+        np.full(capacity, NEVER, np.int64),
+        [],
+        0,
+        0,
+        vectors=np.empty((capacity, dim), np.float32),
+    )
+
+
+def growing_from(vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], capacity: int) -> Segment:
+    n, dim = vectors.shape
+    segment = empty_growing(dim, max(capacity, n, 256))
+    segment.vectors[:n] = vectors
+    segment.keys[:n] = keys
+    segment.metas.extend(metas)
+    return segment.with_counts(count=n)
+
+
+def build_sealed(vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], policy: IndexPolicy) -> Segment:
+    """An index over these rows: exact flat when small, HNSW when medium, IVF when large.
+
+    Runs in the background builder thread; FAISS releases the GIL while it works.
+    """
+    n, dim = vectors.shape
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    deleted = np.full(n, NEVER, np.int64)
+    if n < policy.seal_min_rows:
+        return Segment("flat", keys.copy(), deleted, list(metas), n, 0, vectors=vectors.copy())
+    if n <= policy.hnsw_max_rows:
+        index = faiss.IndexHNSWFlat(dim, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = policy.hnsw_ef_construction
+        index.add(vectors)
+        params = faiss.SearchParametersHNSW(efSearch=policy.hnsw_ef_search)
+        return Segment("hnsw", keys.copy(), deleted, list(metas), n, 0, index=index, search_params=params)
+    nlist = int(4 * math.sqrt(n))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = vectors[np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)]
+    index.train(sample)
+    index.add(vectors)
+    index.make_direct_map()  # for reconstruct() when the segment is rebuilt
+    params = faiss.SearchParametersIVF(nprobe=max(8, int(nlist * policy.ivf_nprobe_fraction)))
+    return Segment("ivf", keys.copy(), deleted, list(metas), n, 0, index=index, search_params=params)
+
+
+def restore_search_params(segment: Segment, policy: IndexPolicy) -> Segment:
+    """Search parameters are not serialised with an index; set them again after loading."""
+    if segment.kind == "hnsw":
+        return replace(segment, search_params=faiss.SearchParametersHNSW(efSearch=policy.hnsw_ef_search))
+    if segment.kind == "ivf":
+        nlist = segment.index.nlist
+        return replace(
+            segment, search_params=faiss.SearchParametersIVF(nprobe=max(8, int(nlist * policy.ivf_nprobe_fraction)))
+        )
+    return segment
