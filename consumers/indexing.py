@@ -1,23 +1,26 @@
-"""The indexing consumer: poll a batch, index it, then commit its offsets.
+"""The indexing consumer: poll a batch, index it, checkpoint, then commit.
 
-Ack lifecycle, per batch:
+Ack lifecycle:
 
 1. ``poll`` up to ``max_poll_records`` messages from the product and post topics.
 2. Decode each envelope; events that fail (bad envelope, wrong topic, bad image)
    go to the dead-letter topic with the reason in the ``lookstream.reason`` header,
    and the producer is flushed so they are durable there.
-3. The rest go through the pipeline and into the shards in one ``apply``.
-4. Only then are the offsets committed (last offset + 1 per partition).
+3. The rest go through the pipeline and into the shards in one ``apply``; the
+   partition's *applied* offset moves past the batch.
+4. Every ``checkpoint_interval_s`` the shards and the applied offsets of that
+   moment are written to a checkpoint in the background; once it is durable,
+   those offsets are committed to Kafka. Before partitions are revoked and at
+   shutdown a checkpoint is written and committed synchronously.
 
-If step 2 or 3 fails (broker down, model error), nothing is committed, the
-consumer seeks back to the last applied offsets and retries the batch after a
-pause: no event is lost and, as upserts are idempotent, none is applied twice
-in effect.
+On start the node restores its newest checkpoint and seeks every assigned
+partition to the offset the checkpoint holds; a partition the checkpoint does
+not know is replayed from the beginning, because its events are not in the
+shards. Kafka's committed offsets are never ahead of a durable checkpoint.
 
-The shards live in memory until checkpoints exist (docs/architecture.md): when
-this node is assigned a partition it holds nothing for, it replays the
-partition from the beginning instead of trusting the group's committed offset,
-since the vectors of those earlier events are not in its shards.
+If step 2 or 3 fails (broker down, model error), the consumer seeks back to
+the applied offsets and retries the batch after a pause. Without a
+checkpointer (tests of the API alone) offsets are committed after each batch.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
+from indexer.checkpoint import Checkpointer
 from indexer.config import KafkaSettings
 from indexer.events import InvalidEvent, decode_event, now_ms
 from indexer.pipeline import Delete, Pipeline, Rejected, Upsert
@@ -49,32 +53,49 @@ class DeadLetter:
     reason: str
 
 
-class _ReplayUnknownPartitions(ConsumerRebalanceListener):
-    def __init__(self, consumer: KafkaConsumer, applied: dict[TopicPartition, int]) -> None:
+class _CheckpointingListener(ConsumerRebalanceListener):
+    """Checkpoint before partitions go; seek new ones to what the shards hold."""
+
+    def __init__(self, owner: IndexingConsumer, consumer: KafkaConsumer) -> None:
+        self.owner = owner
         self.consumer = consumer
-        self.applied = applied
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        pass  # every applied batch is already committed
+        # kafka-python 3 runs listeners on its IO thread, where a blocking commit is refused.
+        # The checkpoint alone is what a restart (or the next owner, on shared storage) resumes
+        # from; the committed offsets catch up with the next scheduled checkpoint.
+        if revoked:
+            self.owner.checkpoint()
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
-            if tp in self.applied:
-                self.consumer.seek(tp, self.applied[tp])
+            if tp in self.owner.applied:
+                self.consumer.seek(tp, self.owner.applied[tp])
             else:
                 self.consumer.seek_to_beginning(tp)
         log.info("assigned partitions: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
 
 class IndexingConsumer:
-    def __init__(self, kafka: KafkaSettings, pipeline: Pipeline, shards: ShardSet, stats: IngestStats) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        pipeline: Pipeline,
+        shards: ShardSet,
+        stats: IngestStats,
+        checkpointer: Checkpointer | None = None,
+        restored_offsets: dict[str, int] | None = None,
+    ) -> None:
         self.kafka = kafka
         self.pipeline = pipeline
         self.shards = shards
         self.stats = stats
+        self.checkpointer = checkpointer
         self.collection_of_topic = {kafka.topics.products: "products", kafka.topics.posts: "posts"}
         #: next offset to read per partition, for what is in the shards
-        self.applied: dict[TopicPartition, int] = {}
+        self.applied: dict[TopicPartition, int] = {
+            _partition(name): offset for name, offset in (restored_offsets or {}).items()
+        }
         self.assigned = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -116,7 +137,7 @@ class IndexingConsumer:
         )
         consumer.subscribe(
             [self.kafka.topics.products, self.kafka.topics.posts],
-            listener=_ReplayUnknownPartitions(consumer, self.applied),
+            listener=_CheckpointingListener(self, consumer),
         )
         try:
             while not stop.is_set():
@@ -124,21 +145,60 @@ class IndexingConsumer:
                 if consumer.assignment():
                     self.assigned.set()
                 records = [record for part in batch.values() for record in part]
-                if not records:
-                    continue
                 try:
-                    self._index(records, producer)
-                    consumer.commit(
-                        {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._last_offsets(records).items()}
-                    )
+                    if records:
+                        self._index(records, producer)
+                        if self.checkpointer is None:
+                            self._commit(consumer, self._last_offsets(records))
+                    self.shards.maintain()
+                    self._checkpoint_on_schedule(consumer)
                 except Exception as e:
                     log.exception("batch failed; retrying from the last applied offsets")
                     self.stats.record_error(f"{type(e).__name__}: {e}")
                     self._rewind(consumer, batch.keys())
                     stop.wait(RETRY_PAUSE_S)
+            if self.checkpointer is not None and consumer.assignment():
+                self.checkpoint_and_commit(consumer)
         finally:
             consumer.close(autocommit=False)
             producer.close(timeout=5)
+
+    def _checkpoint_on_schedule(self, consumer: KafkaConsumer) -> None:
+        if self.checkpointer is None:
+            return
+        done = self.checkpointer.finished()
+        if done is not None:
+            self._commit(consumer, {_partition(name): offset for name, offset in done.offsets.items()})
+        if self.checkpointer.due(self.shards.view):
+            self.checkpointer.start(self.shards.view, self._offset_names(), self.stats.counters())
+
+    def checkpoint(self):
+        """Write a checkpoint of this moment unless the last one already holds it."""
+        if self.checkpointer is None:
+            return None
+        offsets = self._offset_names()
+        last = self.checkpointer.last
+        if last is not None and last.seq == self.shards.view.seq and last.offsets == offsets:
+            return last
+        done = self.checkpointer.write_now(self.shards.view, offsets, self.stats.counters())
+        log.info("checkpoint %s written", done.path.name)
+        return done
+
+    def checkpoint_and_commit(self, consumer: KafkaConsumer) -> None:
+        """At shutdown: a checkpoint of this moment, then commit what it holds."""
+        done = self.checkpoint()
+        if done is not None:
+            self._commit(consumer, {_partition(name): offset for name, offset in done.offsets.items()})
+
+    def _offset_names(self) -> dict[str, int]:
+        return {f"{tp.topic}/{tp.partition}": offset for tp, offset in self.applied.items()}
+
+    @staticmethod
+    def _commit(consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        owned = consumer.assignment()
+        mine = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items() if tp in owned}
+        if mine:
+            consumer.commit(mine)
 
     def _index(self, records: list[ConsumerRecord], producer: KafkaProducer) -> None:
         dead: list[DeadLetter] = []
@@ -209,8 +269,14 @@ class IndexingConsumer:
         return offsets
 
     def _rewind(self, consumer: KafkaConsumer, partitions) -> None:
+        """Back to the applied offsets (or the beginning, for partitions with nothing applied)."""
         for tp in partitions:
             if tp in self.applied:
                 consumer.seek(tp, self.applied[tp])
             else:
                 consumer.seek_to_beginning(tp)
+
+
+def _partition(name: str) -> TopicPartition:
+    topic, _, partition = name.rpartition("/")
+    return TopicPartition(topic, int(partition))

@@ -134,9 +134,11 @@ def create_app(node: Node, *, consume: bool = True) -> web.Application:
     app.router.add_get("/stats", stats)
     app.router.add_get("/healthz", healthz)
     if consume:
-        app[CONSUMER] = IndexingConsumer(node.settings.kafka, node.pipeline, node.shards, node.stats)
+        app[CONSUMER] = IndexingConsumer(
+            node.settings.kafka, node.pipeline, node.shards, node.stats, node.checkpointer, node.restored_offsets
+        )
         app.cleanup_ctx.append(_run_consumer)
-    app.on_cleanup.append(_stop_executor)
+    app.on_cleanup.append(_close_node)
     return app
 
 
@@ -148,8 +150,9 @@ async def _run_consumer(app: web.Application) -> AsyncIterator[None]:
     await asyncio.get_running_loop().run_in_executor(None, consumer.stop)
 
 
-async def _stop_executor(app: web.Application) -> None:
-    app[NODE].executor.shutdown(wait=True)
+async def _close_node(app: web.Application) -> None:
+    """After the consumer (cleanup_ctx runs first): stop the query, build and checkpoint threads."""
+    await asyncio.get_running_loop().run_in_executor(None, app[NODE].close)
 
 
 __all__ = ["NODE", "create_app"]

@@ -257,11 +257,11 @@ def evaluate_command(config_path, set_dir, encoders, photos, output) -> None:
         for encoder in encoders or (settings.models.encoder,):
             run = settings.model_copy(update={"models": settings.models.model_copy(update={"encoder": encoder})})
             try:
-                node = build_node(run)
+                node = build_node(run, durable=False)
             except (ModelNotAvailable, UnknownModel, ValueError) as e:
                 raise click.ClickException(str(e)) from e
             reports.append(evaluate(node, root))
-            node.executor.shutdown()
+            node.close()
     click.echo(markdown_table(reports))
     for report in reports:
         kinds = ", ".join(f"{kind} {value:.2f}" for kind, value in report.by_kind.items())

@@ -81,6 +81,17 @@ class ImageSettings(BaseModel):
     file_roots: tuple[Path, ...] = ()
 
 
+class ShardSettings(BaseModel):
+    """When shards are sealed into ANN indexes and checkpointed (docs/architecture.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seal_min_rows: int = Field(10_000, ge=1)
+    growing_max_rows: int = Field(20_000, ge=1)
+    hnsw_max_rows: int = Field(200_000, ge=1)
+    checkpoint_interval_s: float = Field(10.0, gt=0)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -89,6 +100,7 @@ class Settings(BaseModel):
     models: ModelSettings = ModelSettings()
     api: ApiSettings = ApiSettings()
     images: ImageSettings = ImageSettings()
+    shards: ShardSettings = ShardSettings()
     disabled_plugins: tuple[str, ...] = ()
 
     @classmethod

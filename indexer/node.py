@@ -16,9 +16,11 @@ from typing import Any
 
 from PIL import Image
 
+from indexer.checkpoint import Checkpointer, load_latest
 from indexer.config import Settings
 from indexer.images import decode_image
 from indexer.pipeline import Pipeline
+from indexer.segments import IndexPolicy
 from indexer.shards import Hit, ShardSet
 from indexer.stats import IngestStats
 from plugins.manager import Models, build_plugin_manager, load_models, resolve_device
@@ -50,18 +52,52 @@ class Node:
     pipeline: Pipeline
     shards: ShardSet
     stats: IngestStats = field(default_factory=IngestStats)
+    checkpointer: Checkpointer | None = None
+    #: "topic/partition" -> next offset, for what the restored checkpoint holds
+    restored_offsets: dict[str, int] = field(default_factory=dict)
     #: Model inference and FAISS search run here, off the event loop.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "lookstream-query"))
 
     @classmethod
-    def create(cls, settings: Settings, models: Models) -> Node:
+    def create(cls, settings: Settings, models: Models, *, durable: bool = False) -> Node:
+        """A node over empty shards; with ``durable``, restored from the newest checkpoint in the data dir."""
         pipeline = Pipeline(
             models,
             batch_size=settings.models.batch_size,
             max_pixels=settings.images.max_pixels,
             file_roots=settings.images.file_roots,
         )
-        return cls(settings, models, pipeline, ShardSet(models.encoder.dim))
+        s = settings.shards
+        policy = IndexPolicy(
+            seal_min_rows=s.seal_min_rows, growing_max_rows=s.growing_max_rows, hnsw_max_rows=s.hnsw_max_rows
+        )
+        node = cls(settings, models, pipeline, ShardSet(models.encoder.dim, policy))
+        if durable:
+            root = settings.data_dir / "checkpoints"
+            node.checkpointer = Checkpointer(root, node.generation(), s.checkpoint_interval_s)
+            restored = load_latest(root, node.generation(), policy)
+            if restored is not None:
+                checkpoint, node.shards = restored
+                node.stats.restore(checkpoint.counters)
+                node.restored_offsets = checkpoint.offsets
+        return node
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.shards.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+    def generation(self) -> dict[str, Any]:
+        """What the vectors in the shards depend on; a checkpoint of another generation is not loaded."""
+        encoder = self.models.encoder
+        return {
+            "encoder": encoder.name,
+            "version": encoder.version,
+            "dim": encoder.dim,
+            "detector": self.models.detector.name,
+            "classifier": self.models.classifier.name,
+        }
 
     def query(self, data: bytes, k: int, collection: str, category: str | None) -> QueryResult:
         """Search with an image: hits per detected item, and for the whole image."""
@@ -109,7 +145,7 @@ def _ms(a: float, b: float) -> float:
     return round((b - a) * 1000, 2)
 
 
-def build_node(settings: Settings) -> Node:
+def build_node(settings: Settings, *, durable: bool = True) -> Node:
     pm = build_plugin_manager(settings.disabled_plugins)
     context = ModelContext(device=resolve_device(settings.models.device), cpu_threads=settings.models.cpu_threads)
     s = settings.models
@@ -119,4 +155,4 @@ def build_node(settings: Settings) -> Node:
     )
     # One forward pass now, so the first event is not the one that pays for lazy initialisation.
     models.encoder.encode([Image.new("RGB", (64, 64))])
-    return Node.create(settings, models)
+    return Node.create(settings, models, durable=durable)

@@ -194,6 +194,33 @@ class ShardSet:
         self.rebuilds = 0
         self.view = View(0, {})
 
+    @classmethod
+    def restore(
+        cls, dim: int, policy: IndexPolicy, states: dict[ShardKey, tuple[Segment | None, Segment]], seq: int
+    ) -> ShardSet:
+        """Rebuild the writer's bookkeeping around segments loaded from a checkpoint.
+
+        The loaded segments' ``keys`` are placeholders; fresh item keys are given here.
+        """
+        shards = cls(dim, policy)
+        for shard_key, (sealed, growing) in states.items():
+            for segment in (sealed, growing):
+                if segment is None:
+                    continue
+                for row in range(segment.count):
+                    key = next(shards._keys)
+                    segment.keys[row] = key
+                    if segment.deleted_at[row] == NEVER:
+                        meta = segment.metas[row]
+                        record = (meta.collection, meta.record_id)
+                        if record not in shards._records:
+                            shards._records[record] = []
+                            shards._record_counts[meta.collection] = shards._record_counts.get(meta.collection, 0) + 1
+                        shards._records[record].append((shard_key, key))
+            shards._shards[shard_key] = Shard(dim, sealed, growing)
+        shards._publish(seq)
+        return shards
+
     def apply(self, ops: list[Upsert | Delete]) -> None:
         """Apply a batch in order (later operations on a record win) and publish it at once."""
         with self._write_lock:

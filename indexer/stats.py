@@ -41,6 +41,23 @@ class IngestStats:
             self.offsets.update(offsets)
             self.last_error = None
 
+    def counters(self) -> dict:
+        """What a checkpoint keeps, so that counts stay exact across restarts."""
+        with self._lock:
+            return {
+                "consumed": self.consumed,
+                "indexed": self.indexed,
+                "deleted": self.deleted,
+                "rejected": dict(self.rejected),
+            }
+
+    def restore(self, counters: dict) -> None:
+        with self._lock:
+            self.consumed = counters.get("consumed", 0)
+            self.indexed = counters.get("indexed", 0)
+            self.deleted = counters.get("deleted", 0)
+            self.rejected = Counter(counters.get("rejected", {}))
+
     def record_error(self, message: str) -> None:
         with self._lock:
             self.last_error = message

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +59,32 @@ def kafka_settings(broker, unique) -> Settings:
             }
         }
     )
+
+
+@pytest.fixture(scope="session")
+def example_plugin_site(tmp_path_factory) -> Path:
+    """examples/lookstream-colour-histogram installed with pip into a folder for PYTHONPATH.
+
+    Its encoder is cheap, so tests that stream thousands of events through a
+    real node stay fast; it is found through its entry point like any plugin.
+    """
+    target = tmp_path_factory.mktemp("site")
+    example = Path(__file__).parents[1] / "examples" / "lookstream-colour-histogram"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(example),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target

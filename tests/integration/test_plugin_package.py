@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "lookstream-colour-histogram"
-
 SELECT_AND_ENCODE = """
 from plugins.manager import build_plugin_manager, load_models
 from plugins.models import ModelContext
@@ -18,25 +16,8 @@ print(type(models.encoder).__module__, vectors.shape, round(float((vectors ** 2)
 """
 
 
-def test_installed_example_plugin_is_listed_and_selectable(tmp_path):
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+def test_installed_example_plugin_is_listed_and_selectable(example_plugin_site):
+    target = example_plugin_site  # pip-installed by the fixture, found through its entry point
     root = Path(__file__).parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(root)])}
     listed = subprocess.run([sys.executable, "-m", "indexer", "plugins"], env=env, capture_output=True, text=True)

@@ -1,0 +1,238 @@
+"""Durable checkpoints: the shards and the Kafka offsets they include, written atomically.
+
+A checkpoint is a directory ``checkpoints/ckpt-<seq>/`` holding, per shard, the
+sealed FAISS index (``faiss.serialize_index``) with its deleted-row mask, the
+growing segment's live vectors (``.npy``), every row's metadata (msgpack, no
+pickle), and ``manifest.json`` (offsets, counters, model generation, files).
+Everything is written into a temporary directory, fsynced, the manifest last,
+and the directory renamed into place: a checkpoint is complete exactly when its
+final name exists. Offsets are committed to Kafka only after that.
+
+A checkpoint is taken from one :class:`~indexer.shards.View` and the offsets
+applied at that moment; since published rows are only ever appended past the
+view's count or marked deleted with a later sequence, the files can be written
+in a background thread while the consumer goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import msgpack
+import numpy as np
+
+from indexer.segments import NEVER, IndexPolicy, ItemMeta, Segment, growing_from, restore_search_params
+from indexer.shards import ShardSet, View
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+KEEP = 2
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    seq: int
+    offsets: dict[str, int]  # "topic/partition" -> next offset to read
+    counters: dict[str, Any]
+    generation: dict[str, Any]
+
+
+def _meta_row(m: ItemMeta) -> list:
+    return [m.collection, m.category, m.record_id, m.item, list(m.box), m.label, m.score, m.ts, m.attrs]
+
+
+def _meta(row: list) -> ItemMeta:
+    collection, category, record_id, item, box, label, score, ts, attrs = row
+    return ItemMeta(collection, category, record_id, item, tuple(box), label, score, ts, attrs)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(
+    root: Path, view: View, offsets: dict[str, int], counters: dict[str, Any], generation: dict[str, Any]
+) -> Checkpoint:
+    """Write the view's shards and these offsets; return the checkpoint once it is durable."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{view.seq:012d}-{time.time_ns()}"
+    tmp = root / f".tmp-{name}"
+    tmp.mkdir()
+    shards = []
+    for n, ((collection, category), state) in enumerate(sorted(view.shards.items())):
+        entry: dict[str, Any] = {"collection": collection, "category": category, "id": n}
+        if state.sealed is not None:
+            sealed = state.sealed
+            entry["sealed"] = sealed.kind
+            dead = sealed.deleted_at[: sealed.count] <= view.seq
+            if sealed.index is not None:
+                _write(tmp / f"{n}.sealed.faiss", faiss.serialize_index(sealed.index).tobytes())
+            else:
+                _write(tmp / f"{n}.sealed.npy", _npy(sealed.vectors[: sealed.count]))
+            _write(tmp / f"{n}.sealed.dead.npy", _npy(dead))
+            _write(tmp / f"{n}.sealed.meta", msgpack.packb([_meta_row(m) for m in sealed.metas[: sealed.count]]))
+        growing = state.growing
+        live = growing.live_rows(view.seq)
+        _write(tmp / f"{n}.growing.npy", _npy(growing.vectors[live]))
+        _write(tmp / f"{n}.growing.meta", msgpack.packb([_meta_row(growing.metas[r]) for r in live.tolist()]))
+        shards.append(entry)
+    manifest = {
+        "format": FORMAT,
+        "seq": view.seq,
+        "offsets": offsets,
+        "counters": counters,
+        "generation": generation,
+        "shards": shards,
+        "written_at_ms": int(time.time() * 1000),
+    }
+    _write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    final = root / name
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep=KEEP)
+    return Checkpoint(final, view.seq, offsets, counters, generation)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _complete(root: Path) -> list[Path]:
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("ckpt-") and (p / MANIFEST).exists())
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in _complete(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-*"):
+        if tmp.stat().st_mtime < time.time() - 3600:  # left by a crash mid-write
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_latest(root: Path, generation: dict[str, Any], policy: IndexPolicy) -> tuple[Checkpoint, ShardSet] | None:
+    """The newest complete checkpoint of this model generation, with its shards restored."""
+    for path in reversed(_complete(root)):
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT:
+            log.warning("skipping checkpoint %s: format %s", path.name, manifest.get("format"))
+            continue
+        if manifest["generation"] != generation:
+            log.warning("skipping checkpoint %s of another model generation %s", path.name, manifest["generation"])
+            continue
+        states = {}
+        for entry in manifest["shards"]:
+            n = entry["id"]
+            sealed = None
+            if "sealed" in entry:
+                dead = np.load(path / f"{n}.sealed.dead.npy")
+                metas = [_meta(r) for r in msgpack.unpackb((path / f"{n}.sealed.meta").read_bytes())]
+                deleted_at = np.where(dead, 0, NEVER).astype(np.int64)
+                keys = np.full(len(metas), -1, np.int64)
+                if entry["sealed"] == "flat":
+                    vectors = np.load(path / f"{n}.sealed.npy")
+                    sealed = Segment("flat", keys, deleted_at, metas, len(metas), int(dead.sum()), vectors=vectors)
+                else:
+                    raw = np.fromfile(path / f"{n}.sealed.faiss", dtype=np.uint8)
+                    sealed = restore_search_params(
+                        Segment(
+                            entry["sealed"],
+                            keys,
+                            deleted_at,
+                            metas,
+                            len(metas),
+                            int(dead.sum()),
+                            index=faiss.deserialize_index(raw),
+                        ),
+                        policy,
+                    )
+            vectors = np.load(path / f"{n}.growing.npy")
+            metas = [_meta(r) for r in msgpack.unpackb((path / f"{n}.growing.meta").read_bytes())]
+            growing = growing_from(vectors, np.full(len(metas), -1, np.int64), metas, 256)
+            states[(entry["collection"], entry["category"])] = (sealed, growing)
+        dim = generation["dim"]
+        shards = ShardSet.restore(dim, policy, states, manifest["seq"])
+        checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
+        log.info("restored checkpoint %s: %d records", path.name, sum(shards.records(c) for c in ("products", "posts")))
+        return checkpoint, shards
+    return None
+
+
+class Checkpointer:
+    """Takes checkpoints on a schedule in a background thread; the consumer commits what they include.
+
+    Only the consumer thread calls it, between batches, so the view, the
+    offsets and the counters it is given describe one moment.
+    """
+
+    def __init__(self, root: Path, generation: dict[str, Any], interval_s: float) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.root = root
+        self.generation = generation
+        self.interval_s = interval_s
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lookstream-checkpoint")
+        self._in_flight = None
+        self._last_started = time.monotonic()
+        self._last_seq: int | None = None
+        self.last: Checkpoint | None = None
+
+    def due(self, view: View) -> bool:
+        return (
+            self._in_flight is None
+            and view.seq != self._last_seq
+            and time.monotonic() - self._last_started >= self.interval_s
+        )
+
+    def start(self, view: View, offsets: dict[str, int], counters: dict[str, Any]) -> None:
+        self._last_started, self._last_seq = time.monotonic(), view.seq
+        self._in_flight = self._executor.submit(
+            write_checkpoint, self.root, view, dict(offsets), dict(counters), self.generation
+        )
+
+    def finished(self) -> Checkpoint | None:
+        """The checkpoint that just became durable, once; raises if writing it failed."""
+        if self._in_flight is None or not self._in_flight.done():
+            return None
+        future, self._in_flight = self._in_flight, None
+        self.last = future.result()
+        return self.last
+
+    def write_now(self, view: View, offsets: dict[str, int], counters: dict[str, Any]) -> Checkpoint:
+        """Wait for any checkpoint in flight, then write one of this moment (revocation, shutdown)."""
+        if self._in_flight is not None:
+            self._in_flight.exception()
+            self._in_flight = None
+        self._last_started, self._last_seq = time.monotonic(), view.seq
+        self.last = write_checkpoint(self.root, view, dict(offsets), dict(counters), self.generation)
+        return self.last
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

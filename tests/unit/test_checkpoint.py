@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from indexer.checkpoint import load_latest, write_checkpoint
+from indexer.pipeline import Delete
+from indexer.segments import IndexPolicy
+from indexer.shards import ShardSet
+from tests.unit.test_shards import DIM, fill, unit_vectors, upsert
+
+POLICY = IndexPolicy(seal_min_rows=200, growing_max_rows=150, hnsw_max_rows=1_000, hnsw_m=16, rebuild_min_dead=10_000)
+GENERATION = {"encoder": "test", "version": "1", "dim": DIM}
+
+
+def search_ids(shards, data, collection="products"):
+    return [[(h.id, round(h.score, 4), h.attrs) for h in shards.search(v, 3, collection)] for v in data]
+
+
+@pytest.fixture
+def populated():
+    shards = ShardSet(DIM, POLICY)
+    data = unit_vectors(330)
+    fill(shards, data[:300])
+    shards.wait_for_rebuilds(timeout=60)
+    fill(shards, data[300:], start=300, category="shoe")  # a second shard, still flat
+    shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 40)])  # dead rows in the sealed segment
+    shards.apply([upsert("look-1", data[:3], collection="posts", attrs={"brand": "acme", "price": 9.5})])
+    return shards, data
+
+
+def test_round_trip_restores_every_record_and_result(tmp_path, populated):
+    shards, data = populated
+    assert any(s["sealed"] == "hnsw" for s in shards.sizes())
+    checkpoint = write_checkpoint(tmp_path, shards.view, {"t/0": 17}, {"indexed": 331}, GENERATION)
+    checkpoint_loaded, restored = load_latest(tmp_path, GENERATION, POLICY)
+    assert checkpoint_loaded.offsets == {"t/0": 17} and checkpoint_loaded.counters == {"indexed": 331}
+    assert checkpoint_loaded.seq == checkpoint.seq == shards.view.seq
+    assert restored.records("products") == shards.records("products") == 290
+    assert restored.records("posts") == 1
+    assert restored.sizes() == shards.sizes()
+    assert search_ids(restored, data[::7]) == search_ids(shards, data[::7])
+    assert search_ids(restored, data[:1], "posts") == search_ids(shards, data[:1], "posts")
+
+    # The restored set keeps working: updates and deletes of restored records.
+    restored.apply([Delete("products", "p100", 0), upsert("p101", [data[0]])])
+    assert restored.records("products") == 289
+    assert restored.search(data[0], 1, "products")[0].id == "p101"
+    assert all(h.id != "p100" for h in restored.search(data[100], 3, "products"))
+
+
+def test_writes_after_the_view_are_not_in_the_checkpoint(tmp_path, populated):
+    shards, data = populated
+    view = shards.view
+    shards.apply([Delete("products", "p200", 0), upsert("p999", [data[5]])])  # after the snapshot
+    write_checkpoint(tmp_path, view, {}, {}, GENERATION)
+    _, restored = load_latest(tmp_path, GENERATION, POLICY)
+    assert restored.search(data[200], 1, "products")[0].id == "p200"
+    assert all(h.id != "p999" for h in restored.search(data[5], 3, "products"))
+
+
+def test_incomplete_and_foreign_checkpoints_are_ignored_and_old_ones_pruned(tmp_path, populated):
+    shards, _ = populated
+    first = write_checkpoint(tmp_path, shards.view, {"t/0": 1}, {}, GENERATION)
+    write_checkpoint(tmp_path, shards.view, {"t/0": 2}, {}, {**GENERATION, "version": "2"})
+    (tmp_path / ".tmp-ckpt-999999999999-1").mkdir()  # a crash mid-write
+    checkpoint, _ = load_latest(tmp_path, GENERATION, POLICY)
+    assert checkpoint.path == first.path and checkpoint.offsets == {"t/0": 1}
+    for _ in range(3):
+        write_checkpoint(tmp_path, shards.view, {"t/0": 3}, {}, GENERATION)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("ckpt-")]) == 2
+    assert load_latest(tmp_path, {**GENERATION, "encoder": "other"}, POLICY) is None
+
+
+def test_empty_set_round_trips(tmp_path):
+    write_checkpoint(tmp_path, ShardSet(DIM).view, {}, {}, GENERATION)
+    _, restored = load_latest(tmp_path, GENERATION, POLICY)
+    assert restored.sizes() == [] and restored.search(np.ones(DIM, np.float32), 3, "products") == []
