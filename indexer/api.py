@@ -111,7 +111,7 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "models": node.describe(),
-            "backend": "cpu-flat",
+            "backend": node.shards.backend,
             "records": {c: node.shards.records(c) for c in COLLECTIONS},
             "shards": node.shards.sizes(),
             "ingest": node.stats.snapshot(),

@@ -137,7 +137,9 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_latest(root: Path, generation: dict[str, Any], policy: IndexPolicy) -> tuple[Checkpoint, ShardSet] | None:
+def load_latest(
+    root: Path, generation: dict[str, Any], policy: IndexPolicy, backend: str = "cpu"
+) -> tuple[Checkpoint, ShardSet] | None:
     """The newest complete checkpoint of this model generation, with its shards restored."""
     for path in reversed(_complete(root)):
         manifest = json.loads((path / MANIFEST).read_text())
@@ -178,7 +180,7 @@ def load_latest(root: Path, generation: dict[str, Any], policy: IndexPolicy) -> 
             growing = growing_from(vectors, np.full(len(metas), -1, np.int64), metas, 256)
             states[(entry["collection"], entry["category"])] = (sealed, growing)
         dim = generation["dim"]
-        shards = ShardSet.restore(dim, policy, states, manifest["seq"])
+        shards = ShardSet.restore(dim, policy, states, manifest["seq"], backend)
         checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
         log.info("restored checkpoint %s: %d records", path.name, sum(shards.records(c) for c in ("products", "posts")))
         return checkpoint, shards

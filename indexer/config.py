@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -90,6 +90,8 @@ class ShardSettings(BaseModel):
     growing_max_rows: int = Field(20_000, ge=1)
     hnsw_max_rows: int = Field(200_000, ge=1)
     checkpoint_interval_s: float = Field(10.0, gt=0)
+    #: "auto": exact search on the GPU with torch where one is visible, FAISS on the CPU otherwise
+    backend: Literal["auto", "cpu", "torch-cuda"] = "auto"
 
 
 class Settings(BaseModel):

@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from indexer import gpu
 from indexer.checkpoint import Checkpointer, load_latest
 from indexer.config import Settings
 from indexer.images import decode_image
@@ -71,11 +72,14 @@ class Node:
         policy = IndexPolicy(
             seal_min_rows=s.seal_min_rows, growing_max_rows=s.growing_max_rows, hnsw_max_rows=s.hnsw_max_rows
         )
-        node = cls(settings, models, pipeline, ShardSet(models.encoder.dim, policy))
+        backend = s.backend
+        if backend == "auto":
+            backend = gpu.NAME if gpu.available() else "cpu"
+        node = cls(settings, models, pipeline, ShardSet(models.encoder.dim, policy, backend))
         if durable:
             root = settings.data_dir / "checkpoints"
             node.checkpointer = Checkpointer(root, node.generation(), s.checkpoint_interval_s)
-            restored = load_latest(root, node.generation(), policy)
+            restored = load_latest(root, node.generation(), policy, backend)
             if restored is not None:
                 checkpoint, node.shards = restored
                 node.stats.restore(checkpoint.counters)

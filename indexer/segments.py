@@ -17,6 +17,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from indexer import gpu
+
 NEVER = np.iinfo(np.int64).max
 
 
@@ -59,6 +61,7 @@ class Segment:
     vectors: np.ndarray | None = None  # flat rows (capacity, dim)
     index: Any = None  # FAISS index for hnsw / ivf
     search_params: Any = None
+    gpu: Any = None  # CUDA tensor mirroring ``vectors`` (torch-cuda backend)
 
     @property
     def live(self) -> int:
@@ -69,7 +72,9 @@ class Segment:
         if self.count == 0:
             return [[] for _ in queries]
         wanted = min(self.count, k + self.dead)
-        if self.index is None:
+        if self.gpu is not None:
+            scores, rows = gpu.knn(self.gpu, self.count, queries, wanted)
+        elif self.index is None:
             scores, rows = faiss.knn(queries, self.vectors[: self.count], wanted, metric=faiss.METRIC_INNER_PRODUCT)
         else:
             scores, rows = self.index.search(queries, wanted, params=self.search_params)
@@ -99,7 +104,7 @@ class Segment:
         return replace(self, count=self.count if count is None else count, dead=self.dead if dead is None else dead)
 
 
-def empty_growing(dim: int, capacity: int = 256) -> Segment:
+def empty_growing(dim: int, capacity: int = 256, backend: str = "cpu") -> Segment:
     return Segment(
         "flat",
         np.full(capacity, -1, np.int64),
@@ -108,26 +113,39 @@ def empty_growing(dim: int, capacity: int = 256) -> Segment:
         0,
         0,
         vectors=np.empty((capacity, dim), np.float32),
+        gpu=gpu.allocate(capacity, dim) if backend == gpu.NAME else None,
     )
 
 
-def growing_from(vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], capacity: int) -> Segment:
+def growing_from(
+    vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], capacity: int, backend: str = "cpu"
+) -> Segment:
     n, dim = vectors.shape
-    segment = empty_growing(dim, max(capacity, n, 256))
+    segment = empty_growing(dim, max(capacity, n, 256), backend)
     segment.vectors[:n] = vectors
     segment.keys[:n] = keys
     segment.metas.extend(metas)
+    if segment.gpu is not None:
+        gpu.write(segment.gpu, 0, vectors)
     return segment.with_counts(count=n)
 
 
-def build_sealed(vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], policy: IndexPolicy) -> Segment:
+def build_sealed(
+    vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], policy: IndexPolicy, backend: str = "cpu"
+) -> Segment:
     """An index over these rows: exact flat when small, HNSW when medium, IVF when large.
 
+    On the torch-cuda backend every sealed segment is an exact flat one on the
+    GPU: a matrix product there is faster than an ANN index on the CPU.
     Runs in the background builder thread; FAISS releases the GIL while it works.
     """
     n, dim = vectors.shape
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     deleted = np.full(n, NEVER, np.int64)
+    if backend == gpu.NAME:
+        return Segment(
+            "flat", keys.copy(), deleted, list(metas), n, 0, vectors=vectors, gpu=gpu.mirror(vectors, max(n, 1))
+        )
     if n < policy.seal_min_rows:
         return Segment("flat", keys.copy(), deleted, list(metas), n, 0, vectors=vectors.copy())
     if n <= policy.hnsw_max_rows:
@@ -157,3 +175,19 @@ def restore_search_params(segment: Segment, policy: IndexPolicy) -> Segment:
             segment, search_params=faiss.SearchParametersIVF(nprobe=max(8, int(nlist * policy.ivf_nprobe_fraction)))
         )
     return segment
+
+
+def on_backend(segment: Segment, backend: str) -> Segment:
+    """The segment as the backend searches it: on torch-cuda, flat rows mirrored on the GPU."""
+    if backend != gpu.NAME or segment.gpu is not None:
+        return segment
+    rows = np.arange(segment.count)
+    vectors = segment.row_vectors(rows) if segment.vectors is None else segment.vectors
+    return replace(
+        segment,
+        kind="flat",
+        vectors=vectors,
+        index=None,
+        search_params=None,
+        gpu=gpu.mirror(vectors[: segment.count], max(len(vectors), 1)),
+    )

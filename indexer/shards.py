@@ -26,6 +26,8 @@ any reader's results.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import logging
 import threading
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer import gpu
 from indexer.pipeline import Delete, Upsert
 from indexer.segments import (
     NEVER,
@@ -44,6 +47,7 @@ from indexer.segments import (
     build_sealed,
     empty_growing,
     growing_from,
+    on_backend,
 )
 
 log = logging.getLogger(__name__)
@@ -88,10 +92,13 @@ class View:
 class Shard:
     """The writer's side of one shard: where each item's row is, and the current segments."""
 
-    def __init__(self, dim: int, sealed: Segment | None = None, growing: Segment | None = None) -> None:
+    def __init__(
+        self, dim: int, sealed: Segment | None = None, growing: Segment | None = None, backend: str = "cpu"
+    ) -> None:
         self.dim = dim
+        self.backend = backend
         self.sealed = sealed
-        self.growing = growing or empty_growing(dim)
+        self.growing = growing or empty_growing(dim, backend=backend)
         self._rows: dict[int, tuple[bool, int]] = {}  # item key -> (in sealed?, row)
         for in_sealed, segment in ((True, sealed), (False, self.growing)):
             if segment is not None:
@@ -109,6 +116,8 @@ class Shard:
         if g.count + n > len(g.keys):
             g = self._compacted_growing(capacity=max(2 * len(g.keys), g.count + n))
         g.vectors[g.count : g.count + n] = vectors
+        if g.gpu is not None:
+            gpu.write(g.gpu, g.count, vectors)
         g.keys[g.count : g.count + n] = keys
         g.metas.extend(metas)
         self._rows.update((key, (False, row)) for key, row in zip(keys, range(g.count, g.count + n)))
@@ -135,7 +144,8 @@ class Shard:
         """The live rows of the growing segment in new arrays; readers of the old ones are unaffected."""
         g = self.growing
         live = g.live_rows(NEVER - 1)
-        fresh = growing_from(g.vectors[live], g.keys[live], [g.metas[r] for r in live.tolist()], capacity)
+        metas = [g.metas[r] for r in live.tolist()]
+        fresh = growing_from(g.vectors[live], g.keys[live], metas, capacity, self.backend)
         for row, key in enumerate(fresh.keys[: fresh.count].tolist()):
             self._rows[key] = (False, row)
         return fresh
@@ -158,7 +168,7 @@ class Shard:
         built = built.with_counts(dead=int((built.deleted_at[: built.count] != NEVER).sum()))
         g = self.growing
         rest = np.asarray([r for r in g.live_rows(NEVER - 1).tolist() if int(g.keys[r]) not in included], np.int64)
-        growing = growing_from(g.vectors[rest], g.keys[rest], [g.metas[r] for r in rest.tolist()], 256)
+        growing = growing_from(g.vectors[rest], g.keys[rest], [g.metas[r] for r in rest.tolist()], 256, self.backend)
         self._rows = {
             key: (True, row)
             for row, key in enumerate(built.keys[: built.count].tolist())
@@ -168,7 +178,17 @@ class Shard:
         self.sealed, self.growing, self.building = built, growing, None
 
 
-def build_from_state(state: ShardState, seq: int, policy: IndexPolicy) -> Segment:
+def release_freed_memory() -> None:
+    """Hand memory freed by a swap back to the OS (glibc keeps freed heap pages otherwise).
+
+    A rebuild frees a whole segment plus the build's temporaries; without this,
+    resident memory after churn stays at its peak even though nothing uses it.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def build_from_state(state: ShardState, seq: int, policy: IndexPolicy, backend: str = "cpu") -> Segment:
     """Background job: a sealed segment over every row of ``state`` live at ``seq``."""
     vectors, keys, metas = [], [], []
     for segment in state.segments:
@@ -176,15 +196,17 @@ def build_from_state(state: ShardState, seq: int, policy: IndexPolicy) -> Segmen
         vectors.append(segment.row_vectors(rows))
         keys.append(segment.keys[rows])
         metas.extend(segment.metas[r] for r in rows.tolist())
-    return build_sealed(np.concatenate(vectors), np.concatenate(keys), metas, policy)
+    return build_sealed(np.concatenate(vectors), np.concatenate(keys), metas, policy, backend)
 
 
 class ShardSet:
     """All shards of a node: routes upserts and deletes, merges search results, schedules rebuilds."""
 
-    def __init__(self, dim: int, policy: IndexPolicy | None = None) -> None:
+    def __init__(self, dim: int, policy: IndexPolicy | None = None, backend: str = "cpu") -> None:
         self.dim = dim
         self.policy = policy or IndexPolicy()
+        #: "cpu" (FAISS) or "torch-cuda" (exact search on the GPU, see indexer/gpu.py)
+        self.backend = backend
         self._shards: dict[ShardKey, Shard] = {}  # writer-only
         self._records: dict[tuple[str, str], list[tuple[ShardKey, int]]] = {}  # writer-only
         self._record_counts: dict[str, int] = {}
@@ -196,13 +218,18 @@ class ShardSet:
 
     @classmethod
     def restore(
-        cls, dim: int, policy: IndexPolicy, states: dict[ShardKey, tuple[Segment | None, Segment]], seq: int
+        cls,
+        dim: int,
+        policy: IndexPolicy,
+        states: dict[ShardKey, tuple[Segment | None, Segment]],
+        seq: int,
+        backend: str = "cpu",
     ) -> ShardSet:
         """Rebuild the writer's bookkeeping around segments loaded from a checkpoint.
 
         The loaded segments' ``keys`` are placeholders; fresh item keys are given here.
         """
-        shards = cls(dim, policy)
+        shards = cls(dim, policy, backend)
         for shard_key, (sealed, growing) in states.items():
             for segment in (sealed, growing):
                 if segment is None:
@@ -217,7 +244,8 @@ class ShardSet:
                             shards._records[record] = []
                             shards._record_counts[meta.collection] = shards._record_counts.get(meta.collection, 0) + 1
                         shards._records[record].append((shard_key, key))
-            shards._shards[shard_key] = Shard(dim, sealed, growing)
+            sealed = None if sealed is None else on_backend(sealed, backend)
+            shards._shards[shard_key] = Shard(dim, sealed, on_backend(growing, backend), backend)
         shards._publish(seq)
         return shards
 
@@ -261,7 +289,7 @@ class ShardSet:
                 self._record_counts[op.collection] = self._record_counts.get(op.collection, 0) + 1
             for shard_key, (keys, vectors, metas) in appends.items():
                 if shard_key not in self._shards:
-                    self._shards[shard_key] = Shard(self.dim)
+                    self._shards[shard_key] = Shard(self.dim, backend=self.backend)
                 self._shards[shard_key].append(keys, np.stack(vectors), metas)
             for shard_key, keys in stale.items():
                 self._shards[shard_key].remove(keys, seq)
@@ -283,7 +311,7 @@ class ShardSet:
         for key, shard in self._shards.items():
             if shard.needs_rebuild(self.policy):
                 log.info("rebuilding shard %s/%s (%d live rows)", *key, shard.state.live)
-                shard.building = self._builder.submit(build_from_state, shard.state, seq, self.policy)
+                shard.building = self._builder.submit(build_from_state, shard.state, seq, self.policy, self.backend)
 
     def _install_finished(self, seq: int) -> None:
         for key, shard in self._shards.items():
@@ -296,6 +324,7 @@ class ShardSet:
                     continue
                 shard.install(built, seq)
                 self.rebuilds += 1
+                release_freed_memory()
                 log.info("shard %s/%s now %s over %d rows", *key, built.kind, built.count)
 
     def wait_for_rebuilds(self, timeout: float | None = None) -> None:

@@ -234,3 +234,47 @@ def test_readers_never_miss_a_record_while_shards_are_rebuilt_under_them():
     for t in threads:
         t.join()
     assert shards.rebuilds >= 2 and problems == []
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """The torch-cuda backend's code, on CUDA where a GPU is visible and on torch's CPU otherwise."""
+    import torch
+
+    from indexer import gpu
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(gpu, "DEVICE", "cpu")
+    return gpu.NAME
+
+
+def test_torch_backend_finds_the_same_as_faiss_through_growth_seal_and_deletes(torch_backend):
+    data = unit_vectors(700)
+    results = {}
+    for backend in ("cpu", torch_backend):
+        shards = ShardSet(DIM, SMALL, backend)
+        fill(shards, data[:600])
+        shards.wait_for_rebuilds(timeout=60)
+        shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 600, 3)])
+        fill(shards, data[600:], start=600)
+        shards.wait_for_rebuilds(timeout=60)
+        assert shards.backend == backend and shards.records("products") == 500
+        results[backend] = [[h.id for h in shards.search(v, 5, "products")] for v in data[::7]]
+        if backend == torch_backend:
+            state = shards.view.shards[("products", "top")]
+            assert state.sealed.gpu is not None and state.growing.gpu is not None
+    assert results["cpu"] == results[torch_backend]
+
+
+def test_torch_backend_checkpoint_round_trip(tmp_path, torch_backend):
+    from indexer.checkpoint import load_latest, write_checkpoint
+
+    data = unit_vectors(300)
+    shards = ShardSet(DIM, SMALL, torch_backend)
+    fill(shards, data)
+    shards.wait_for_rebuilds(timeout=60)
+    generation = {"encoder": "t", "dim": DIM}
+    write_checkpoint(tmp_path, shards.view, {}, {}, generation)
+    _, restored = load_latest(tmp_path, generation, SMALL, torch_backend)
+    assert restored.backend == torch_backend
+    assert [restored.search(v, 1, "products")[0].id for v in data[:50]] == [f"p{i}" for i in range(50)]
