@@ -9,12 +9,14 @@ node's executor so the event loop keeps answering while they work. With
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from consumers.indexing import IndexingConsumer
+from indexer.config import Settings
 from indexer.events import COLLECTIONS
 from indexer.images import InvalidImage
 from indexer.node import Node
@@ -22,7 +24,8 @@ from indexer.node import Node
 log = logging.getLogger(__name__)
 
 NODE = web.AppKey("node", Node)
-CONSUMER = web.AppKey("consumer", IndexingConsumer)
+RELOAD = web.AppKey("reload", object)
+FLIP_CHECK_S = 0.5
 
 
 def error(status: type[web.HTTPError], message: str) -> web.HTTPError:
@@ -106,19 +109,21 @@ def _hit(hit) -> dict:
 
 async def stats(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    consumer = request.app.get(CONSUMER)
-    running = consumer is not None and consumer.running
+    active, building = node.active, node.building
     return web.json_response(
         {
-            "models": node.describe(),
-            "backend": node.shards.backend,
-            "records": {c: node.shards.records(c) for c in COLLECTIONS},
-            "shards": node.shards.sizes(),
-            "ingest": node.stats.snapshot(),
-            "consumer": {
-                "running": running,
-                "assigned": consumer is not None and consumer.assigned.is_set(),
-            },
+            "models": active.describe(),
+            "backend": active.shards.backend,
+            "records": {c: active.shards.records(c) for c in COLLECTIONS},
+            "shards": active.shards.sizes(),
+            "ingest": active.stats.snapshot(),
+            "consumer": active.describe()["consumer"],
+            # Both generations while a new one catches up (docs/architecture.md, "Generations").
+            "generations": [
+                {**g.describe(), "state": state, "ingest": g.stats.snapshot()}
+                for g, state in ((active, "active"), (building, "catching-up"))
+                if g is not None
+            ],
         }
     )
 
@@ -127,31 +132,65 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_app(node: Node, *, consume: bool = True) -> web.Application:
+def create_app(
+    node: Node, *, consume: bool = True, reload_settings: Callable[[], Settings] | None = None
+) -> web.Application:
+    """The query app; ``consume`` runs the node's consumers for the app's lifetime.
+
+    ``reload_settings`` (the CLI passes one that re-reads the config file) is
+    called on SIGHUP: new model settings start a new generation.
+    """
     app = web.Application(client_max_size=node.settings.api.max_request_bytes)
     app[NODE] = node
     app.router.add_post("/search", search)
     app.router.add_get("/stats", stats)
     app.router.add_get("/healthz", healthz)
     if consume:
-        app[CONSUMER] = IndexingConsumer(
-            node.settings.kafka, node.pipeline, node.shards, node.stats, node.checkpointer, node.restored_offsets
-        )
-        app.cleanup_ctx.append(_run_consumer)
+        app.cleanup_ctx.append(_ingest)
+    if reload_settings is not None:
+        app[RELOAD] = reload_settings
+        app.on_startup.append(_reload_on_sighup)
     app.on_cleanup.append(_close_node)
     return app
 
 
-async def _run_consumer(app: web.Application) -> AsyncIterator[None]:
-    """Run the indexing consumer in a thread for the app's lifetime."""
-    consumer = app[CONSUMER]
-    consumer.start()
+async def _ingest(app: web.Application) -> AsyncIterator[None]:
+    """Run the consumers in their threads, and flip generations once a new one has caught up."""
+    node = app[NODE]
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, node.start_ingest)
+    watcher = asyncio.create_task(_flip_when_caught_up(node))
     yield
-    await asyncio.get_running_loop().run_in_executor(None, consumer.stop)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    await loop.run_in_executor(None, node.stop_ingest)
+
+
+async def _flip_when_caught_up(node: Node) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(FLIP_CHECK_S)
+        if node.building is not None:
+            await loop.run_in_executor(None, node.flip_if_caught_up)
+
+
+async def _reload_on_sighup(app: web.Application) -> None:
+    loop = asyncio.get_running_loop()
+    node = app[NODE]
+
+    async def reload() -> None:
+        try:
+            settings = app[RELOAD]()
+            await loop.run_in_executor(None, node.switch, settings.models)
+        except Exception:  # a bad config keeps the running generation; the log says why
+            log.exception("reloading the config failed; nothing changed")
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
 
 
 async def _close_node(app: web.Application) -> None:
-    """After the consumer (cleanup_ctx runs first): stop the query, build and checkpoint threads."""
+    """After the consumers (cleanup_ctx runs first): stop the query, build and checkpoint threads."""
     await asyncio.get_running_loop().run_in_executor(None, app[NODE].close)
 
 

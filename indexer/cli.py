@@ -64,15 +64,13 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
     from plugins.models import ModelNotAvailable
     from plugins.registry import UnknownModel
 
-    settings = _settings(
-        config_path,
-        **{
-            "api.port": port,
-            "api.host": host,
-            "data_dir": data_dir,
-            "kafka.bootstrap_servers": bootstrap_servers or f"127.0.0.1:{broker_port}",
-        },
-    )
+    overrides = {
+        "api.port": port,
+        "api.host": host,
+        "data_dir": data_dir,
+        "kafka.bootstrap_servers": bootstrap_servers or f"127.0.0.1:{broker_port}",
+    }
+    settings = _settings(config_path, **overrides)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     broker = None
     if bootstrap_servers is None:
@@ -90,7 +88,7 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
             raise click.ClickException(str(e)) from e
         url = f"http://{settings.api.host}:{settings.api.port}"
         web.run_app(
-            create_app(node),
+            create_app(node, reload_settings=lambda: _settings(config_path, **overrides)),
             host=settings.api.host,
             port=settings.api.port,
             print=lambda _: click.echo(f"lookstream API on {url}  (Ctrl-C to stop)"),

@@ -9,23 +9,21 @@ processed exactly as an indexed one.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
-from indexer import gpu
-from indexer.checkpoint import Checkpointer, load_latest
-from indexer.config import Settings
+from indexer import generations
+from indexer.config import ModelSettings, Settings
+from indexer.generations import Generation
 from indexer.images import decode_image
 from indexer.pipeline import Pipeline
-from indexer.segments import IndexPolicy
 from indexer.shards import Hit, ShardSet
 from indexer.stats import IngestStats
-from plugins.manager import Models, build_plugin_manager, load_models, resolve_device
-from plugins.models import ModelContext
+from plugins.manager import Models
 
 log = logging.getLogger(__name__)
 
@@ -46,117 +44,156 @@ class QueryResult:
     timings_ms: dict[str, float]
 
 
-@dataclass
 class Node:
-    settings: Settings
-    models: Models
-    pipeline: Pipeline
-    shards: ShardSet
-    stats: IngestStats = field(default_factory=IngestStats)
-    checkpointer: Checkpointer | None = None
-    #: "topic/partition" -> next offset, for what the restored checkpoint holds
-    restored_offsets: dict[str, int] = field(default_factory=dict)
-    #: Model inference and FAISS search run here, off the event loop.
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "lookstream-query"))
+    """Serves queries from the active generation while a new one, if any, catches up."""
+
+    def __init__(self, settings: Settings, active: Generation) -> None:
+        self.settings = settings
+        self.active = active
+        self.building: Generation | None = None
+        #: Model inference and FAISS search run here, off the event loop.
+        self.executor = ThreadPoolExecutor(2, "lookstream-query")
+        self._ingesting = False
+        self._switch_lock = threading.Lock()
 
     @classmethod
-    def create(cls, settings: Settings, models: Models, *, durable: bool = False) -> Node:
-        """A node over empty shards; with ``durable``, restored from the newest checkpoint in the data dir."""
-        pipeline = Pipeline(
-            models,
-            batch_size=settings.models.batch_size,
-            max_pixels=settings.images.max_pixels,
-            file_roots=settings.images.file_roots,
-        )
-        s = settings.shards
-        policy = IndexPolicy(
-            seal_min_rows=s.seal_min_rows, growing_max_rows=s.growing_max_rows, hnsw_max_rows=s.hnsw_max_rows
-        )
-        backend = s.backend
-        if backend == "auto":
-            backend = gpu.NAME if gpu.available() else "cpu"
-        node = cls(settings, models, pipeline, ShardSet(models.encoder.dim, policy, backend))
-        if durable:
-            root = settings.data_dir / "checkpoints"
-            node.checkpointer = Checkpointer(root, node.generation(), s.checkpoint_interval_s)
-            restored = load_latest(root, node.generation(), policy, backend)
-            if restored is not None:
-                checkpoint, node.shards = restored
-                node.stats.restore(checkpoint.counters)
-                node.restored_offsets = checkpoint.offsets
-        return node
+    def create(cls, settings: Settings, models: Models) -> Node:
+        """A node over empty, in-memory shards (tests, evaluation)."""
+        return cls(settings, Generation.create(settings, models))
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-        self.shards.close()
-        if self.checkpointer is not None:
-            self.checkpointer.close()
+    # The active generation's parts, for callers that do not care about generations.
+    @property
+    def models(self) -> Models:
+        return self.active.models
 
-    def generation(self) -> dict[str, Any]:
-        """What the vectors in the shards depend on; a checkpoint of another generation is not loaded."""
-        encoder = self.models.encoder
-        return {
-            "encoder": encoder.name,
-            "version": encoder.version,
-            "dim": encoder.dim,
-            "detector": self.models.detector.name,
-            "classifier": self.models.classifier.name,
-        }
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.active.pipeline
+
+    @property
+    def shards(self) -> ShardSet:
+        return self.active.shards
+
+    @property
+    def stats(self) -> IngestStats:
+        return self.active.stats
+
+    def start_ingest(self) -> None:
+        self._ingesting = True
+        for generation in self.generations():
+            generation.start_consumer(self.settings)
+
+    def stop_ingest(self) -> None:
+        self._ingesting = False
+        for generation in self.generations():
+            generation.stop_consumer()
+
+    def generations(self) -> list[Generation]:
+        return [g for g in (self.active, self.building) if g is not None]
+
+    def switch(self, selection: ModelSettings) -> Generation | None:
+        """Start a generation for this model selection; None if it is already active or building.
+
+        Loading models is slow: call this off the event loop.
+        """
+        with self._switch_lock:
+            for generation in self.generations():
+                if generation.selection == selection:
+                    return None
+            models = generations.load(self.settings, selection)
+            new = Generation.create(self.settings, models, selection, durable=self.active.checkpointer is not None)
+            previous, self.building = self.building, new
+            if previous is not None:
+                previous.close()
+            if self._ingesting:
+                new.start_consumer(self.settings)
+            log.info("generation %s started; %s answers until it has caught up", new.id, self.active.id)
+            return new
+
+    def flip_if_caught_up(self) -> bool:
+        """Make the building generation active once it holds everything the active one does."""
+        with self._switch_lock:
+            new = self.building
+            if new is None or not new.caught_up_with(self.active):
+                return False
+            old, self.active, self.building = self.active, new, None
+            _record_active(self.settings, new.selection)
+            log.info("generation %s is active; %s retired", new.id, old.id)
+        old.close()
+        return True
 
     def query(self, data: bytes, k: int, collection: str, category: str | None) -> QueryResult:
         """Search with an image: hits per detected item, and for the whole image."""
+        generation = self.active  # one generation for the whole query, even across a flip
+        pipeline, shards = generation.pipeline, generation.shards
         start = time.perf_counter()
         image = decode_image(data, self.settings.images.max_pixels)
         decoded = time.perf_counter()
-        items = self.pipeline.analyse([image], [{}])[0]
+        items = pipeline.analyse([image], [{}])[0]
         whole = next((item for item in items if item.box == (0, 0, image.width, image.height)), None)
-        whole_vector = whole.vector if whole is not None else self.pipeline.encode([image])[0]
+        whole_vector = whole.vector if whole is not None else pipeline.encode([image])[0]
         analysed = time.perf_counter()
         results = [
             QueryItem(
-                item.box,
-                item.label,
-                item.category,
-                item.score,
-                self.shards.search(item.vector, k, collection, category),
+                item.box, item.label, item.category, item.score, shards.search(item.vector, k, collection, category)
             )
             for item in items
         ]
-        hits = self.shards.search(whole_vector, k, collection, category)
+        hits = shards.search(whole_vector, k, collection, category)
         done = time.perf_counter()
-        return QueryResult(
-            results,
-            hits,
-            {
-                "decode": _ms(start, decoded),
-                "models": _ms(decoded, analysed),
-                "search": _ms(analysed, done),
-                "total": _ms(start, done),
-            },
-        )
+        timings = {
+            "decode": _ms(start, decoded),
+            "models": _ms(decoded, analysed),
+            "search": _ms(analysed, done),
+            "total": _ms(start, done),
+        }
+        return QueryResult(results, hits, timings)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "detector": self.models.detector.name,
-            "encoder": self.models.encoder.name,
-            "encoder_version": self.models.encoder.version,
-            "dim": self.models.encoder.dim,
-            "classifier": self.models.classifier.name,
-        }
+        return self.active.describe()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        for generation in self.generations():
+            generation.close()
 
 
 def _ms(a: float, b: float) -> float:
     return round((b - a) * 1000, 2)
 
 
+ACTIVE_FILE = "active-generation.json"
+
+
+def _record_active(settings: Settings, selection: ModelSettings) -> None:
+    """Remember which selection answers, so a restart with a changed config keeps answering from it."""
+    path = settings.data_dir / ACTIVE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(selection.model_dump_json(indent=1))
+    os.replace(tmp, path)
+
+
 def build_node(settings: Settings, *, durable: bool = True) -> Node:
-    pm = build_plugin_manager(settings.disabled_plugins)
-    context = ModelContext(device=resolve_device(settings.models.device), cpu_threads=settings.models.cpu_threads)
-    s = settings.models
-    models = load_models(pm, s.detector, s.encoder, s.classifier, context, s.options)
-    log.info(
-        "models: %s/%s/%s on %s", models.detector.name, models.encoder.name, models.classifier.name, context.device
-    )
-    # One forward pass now, so the first event is not the one that pays for lazy initialisation.
-    models.encoder.encode([Image.new("RGB", (64, 64))])
-    return Node.create(settings, models, durable=durable)
+    """The node for these settings.
+
+    Durable: shards are checkpointed under the data dir and restored. If the
+    config now selects other models than the generation that answered last,
+    that generation keeps answering (from its checkpoint) while the newly
+    configured one replays the topics, and the node flips once it has caught up.
+    """
+    desired = settings.models
+    if not durable:
+        return Node(settings, Generation.create(settings, generations.load(settings, desired)))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    recorded_path = settings.data_dir / ACTIVE_FILE
+    recorded = ModelSettings.model_validate_json(recorded_path.read_text()) if recorded_path.exists() else None
+    if recorded is not None and recorded != desired:
+        previous = Generation.create(settings, generations.load(settings, recorded), recorded, durable=True)
+        if previous.has_checkpoint():
+            node = Node(settings, previous)
+            node.switch(desired)
+            return node
+        previous.close()
+    node = Node(settings, Generation.create(settings, generations.load(settings, desired), desired, durable=True))
+    _record_active(settings, desired)
+    return node

@@ -127,7 +127,7 @@ growing_max_rows = 400
     finally:
         node.send_signal(signal.SIGKILL)
         node.wait(10)
-    checkpoints = [p for p in (tmp_path / "data" / "checkpoints").iterdir() if p.name.startswith("ckpt-")]
+    checkpoints = list((tmp_path / "data" / "checkpoints").glob("*/ckpt-*"))
     assert checkpoints, "no checkpoint was written before the kill"
 
     node = start("second.log")

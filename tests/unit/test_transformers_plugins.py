@@ -71,26 +71,6 @@ def tiny_swin(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=24,
-    )
-    path = tmp_path_factory.mktemp("clip")
-    CLIPVisionModelWithProjection(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 

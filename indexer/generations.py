@@ -1,0 +1,154 @@
+"""Model generations: the models, the shards built with them, and the consumer that feeds them.
+
+Vectors from two encoders cannot be compared, so each model selection (detector,
+encoder and its version, classifier, options) is a *generation* with shards,
+checkpoints (``data_dir/checkpoints/<generation id>/``) and a Kafka consumer
+group (``<group_id>.<generation id>``) of its own. A new generation replays the
+topics from the beginning; the node keeps answering from the active one until
+the new one has caught up with it, then flips (indexer/node.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from consumers.indexing import IndexingConsumer
+from indexer import gpu
+from indexer.checkpoint import Checkpointer, load_latest
+from indexer.config import ModelSettings, Settings
+from indexer.pipeline import Pipeline
+from indexer.segments import IndexPolicy
+from indexer.shards import ShardSet
+from indexer.stats import IngestStats
+from plugins.manager import Models, build_plugin_manager, load_models, resolve_device
+from plugins.models import ModelContext
+
+log = logging.getLogger(__name__)
+
+
+def load(settings: Settings, selection: ModelSettings) -> Models:
+    pm = build_plugin_manager(settings.disabled_plugins)
+    context = ModelContext(device=resolve_device(selection.device), cpu_threads=selection.cpu_threads)
+    models = load_models(pm, selection.detector, selection.encoder, selection.classifier, context, selection.options)
+    log.info(
+        "models: %s/%s/%s on %s", models.detector.name, models.encoder.name, models.classifier.name, context.device
+    )
+    # One forward pass now, so the first event is not the one that pays for lazy initialisation.
+    models.encoder.encode([Image.new("RGB", (64, 64))])
+    return models
+
+
+def identity(models: Models, selection: ModelSettings) -> dict[str, Any]:
+    """What the vectors and categories in the shards depend on."""
+    encoder = models.encoder
+    return {
+        "encoder": encoder.name,
+        "version": encoder.version,
+        "dim": encoder.dim,
+        "detector": models.detector.name,
+        "classifier": models.classifier.name,
+        "options": selection.options,
+    }
+
+
+def generation_id(ident: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", f"{ident['encoder']}-{digest}")
+
+
+@dataclass
+class Generation:
+    id: str
+    selection: ModelSettings
+    models: Models
+    pipeline: Pipeline
+    shards: ShardSet
+    stats: IngestStats = field(default_factory=IngestStats)
+    checkpointer: Checkpointer | None = None
+    #: "topic/partition" -> next offset, for what the restored checkpoint holds
+    restored_offsets: dict[str, int] = field(default_factory=dict)
+    consumer: IndexingConsumer | None = None
+
+    @classmethod
+    def create(
+        cls, settings: Settings, models: Models, selection: ModelSettings | None = None, *, durable: bool = False
+    ) -> Generation:
+        """Empty shards for these models; with ``durable``, restored from this generation's newest checkpoint."""
+        selection = selection or settings.models
+        pipeline = Pipeline(
+            models,
+            batch_size=selection.batch_size,
+            max_pixels=settings.images.max_pixels,
+            file_roots=settings.images.file_roots,
+        )
+        s = settings.shards
+        policy = IndexPolicy(
+            seal_min_rows=s.seal_min_rows, growing_max_rows=s.growing_max_rows, hnsw_max_rows=s.hnsw_max_rows
+        )
+        backend = s.backend if s.backend != "auto" else (gpu.NAME if gpu.available() else "cpu")
+        ident = identity(models, selection)
+        generation = cls(
+            generation_id(ident), selection, models, pipeline, ShardSet(models.encoder.dim, policy, backend)
+        )
+        if durable:
+            root = settings.data_dir / "checkpoints" / generation.id
+            generation.checkpointer = Checkpointer(root, ident, s.checkpoint_interval_s)
+            restored = load_latest(root, ident, policy, backend)
+            if restored is not None:
+                checkpoint, generation.shards = restored
+                generation.stats.restore(checkpoint.counters)
+                generation.restored_offsets = checkpoint.offsets
+        return generation
+
+    def has_checkpoint(self) -> bool:
+        return bool(self.restored_offsets) or (self.checkpointer is not None and self.checkpointer.last is not None)
+
+    def start_consumer(self, settings: Settings) -> None:
+        kafka = settings.kafka.model_copy(update={"group_id": f"{settings.kafka.group_id}.{self.id}"})
+        self.consumer = IndexingConsumer(
+            kafka, self.pipeline, self.shards, self.stats, self.checkpointer, self.restored_offsets
+        )
+        self.consumer.start()
+
+    def stop_consumer(self) -> None:
+        if self.consumer is not None:
+            self.consumer.stop()
+
+    def caught_up_with(self, other: Generation) -> bool:
+        """True once this generation has applied every partition at least as far as ``other`` has."""
+        mine, theirs = self.consumer, other.consumer
+        if mine is None or not mine.assigned.is_set():
+            return False
+        target = dict(theirs.applied) if theirs is not None else {}
+        applied = dict(mine.applied)
+        return all(applied.get(tp, -1) >= offset for tp, offset in target.items())
+
+    def describe(self) -> dict[str, Any]:
+        encoder = self.models.encoder
+        return {
+            "id": self.id,
+            "detector": self.models.detector.name,
+            "encoder": encoder.name,
+            "encoder_version": encoder.version,
+            "dim": encoder.dim,
+            "classifier": self.models.classifier.name,
+            "backend": self.shards.backend,
+            "records": {c: self.shards.records(c) for c in ("products", "posts")},
+            "consumer": {
+                "running": self.consumer is not None and self.consumer.running,
+                "assigned": self.consumer is not None and self.consumer.assigned.is_set(),
+            },
+        }
+
+    def close(self) -> None:
+        self.stop_consumer()
+        self.shards.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
