@@ -39,6 +39,7 @@ from indexer.events import InvalidEvent, decode_event, now_ms
 from indexer.pipeline import Delete, Pipeline, Rejected, Upsert
 from indexer.shards import ShardSet
 from indexer.stats import IngestStats
+from indexer.thumbnails import ThumbnailStore, store_thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,22 @@ class IndexingConsumer:
         stats: IngestStats,
         checkpointer: Checkpointer | None = None,
         restored_offsets: dict[str, int] | None = None,
+        thumbnails: ThumbnailStore | None = None,
     ) -> None:
         self.kafka = kafka
         self.pipeline = pipeline
         self.shards = shards
         self.stats = stats
         self.checkpointer = checkpointer
+        self.thumbnails = thumbnails
         self.collection_of_topic = {kafka.topics.products: "products", kafka.topics.posts: "posts"}
         #: next offset to read per partition, for what is in the shards
         self.applied: dict[TopicPartition, int] = {
             _partition(name): offset for name, offset in (restored_offsets or {}).items()
         }
         self.assigned = threading.Event()
+        #: (topic, partition) -> messages not yet applied, replaced whole after each poll
+        self.lag: dict[tuple[str, int], int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -144,6 +149,7 @@ class IndexingConsumer:
                 batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
                 if consumer.assignment():
                     self.assigned.set()
+                    self.lag = self._lag(consumer)
                 records = [record for part in batch.values() for record in part]
                 try:
                     if records:
@@ -162,6 +168,15 @@ class IndexingConsumer:
         finally:
             consumer.close(autocommit=False)
             producer.close(timeout=5)
+
+    def _lag(self, consumer: KafkaConsumer) -> dict[tuple[str, int], int]:
+        """Messages between what is applied and the high watermark the last fetch reported."""
+        lag = {}
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag[(tp.topic, tp.partition)] = max(0, highwater - self.applied.get(tp, 0))
+        return lag
 
     def _checkpoint_on_schedule(self, consumer: KafkaConsumer) -> None:
         if self.checkpointer is None:
@@ -224,6 +239,8 @@ class IndexingConsumer:
         self._send_dead_letters(dead, producer)
         self.shards.apply(ops)
         searchable_at = now_ms()
+        if self.thumbnails is not None:
+            store_thumbnails(self.thumbnails, ops)
         offsets = self._last_offsets(records)
         self.applied.update(offsets)
         self.stats.record_batch(
@@ -232,8 +249,8 @@ class IndexingConsumer:
             deleted=sum(isinstance(op, Delete) for op in ops),
             rejected=[d.reason for d in dead],
             offsets={f"{tp.topic}/{tp.partition}": offset for tp, offset in offsets.items()},
-            # from the producer's timestamp of the newest event to now: how stale the index was
-            freshness_ms=searchable_at - max(op.ts for op in ops) if ops else None,
+            # from each event's producer timestamp to now: how stale the index was
+            freshness_ms=[searchable_at - op.ts for op in ops],
         )
 
     def _send_dead_letters(self, dead: list[DeadLetter], producer: KafkaProducer) -> None:

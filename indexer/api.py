@@ -1,9 +1,11 @@
-"""The query endpoint: an aiohttp app built by :func:`create_app`.
+"""The HTTP app of a node, built by :func:`create_app`.
 
-Routes: ``POST /search`` (an image, raw body or multipart field ``image``),
-``GET /stats`` and ``GET /healthz``. Model inference and search run in the
-node's executor so the event loop keeps answering while they work. With
-``consume=True`` the app also runs the indexing consumer for its lifetime.
+Search and item routes are in indexer/search_api.py; this module holds the
+operational ones (``/stats``, ``/healthz``, ``/readyz``, ``/metrics``,
+``/openapi.json``) and the app's lifecycle: with ``consume=True`` it runs the
+node's consumers for its lifetime and flips generations once a new one has
+caught up. Model inference and search run in the node's executor so the event
+loop keeps answering while they work.
 """
 
 from __future__ import annotations
@@ -16,95 +18,34 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from indexer import openapi
 from indexer.config import Settings
 from indexer.events import COLLECTIONS
-from indexer.images import InvalidImage
+from indexer.metrics import CONTENT_TYPE, Metrics
 from indexer.node import Node
+from indexer.search_api import METRICS, NODE, error, item, search, search_vector, thumbnail
 
 log = logging.getLogger(__name__)
 
-NODE = web.AppKey("node", Node)
 RELOAD = web.AppKey("reload", object)
+CONSUMING = web.AppKey("consuming", bool)
 FLIP_CHECK_S = 0.5
 
 
-def error(status: type[web.HTTPError], message: str) -> web.HTTPError:
-    return status(text=web.json_response({"error": message}).text, content_type="application/json")
-
-
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error is JSON ``{"error": ...}``, also those aiohttp raises itself (404, 405, 413)."""
     try:
-        value = int(raw)
-    except ValueError:
-        raise error(web.HTTPBadRequest, f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise error(web.HTTPBadRequest, f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-async def _read_image(request: web.Request) -> bytes:
-    content_type = request.content_type
-    if content_type.startswith("image/"):
-        data = await request.read()
-    elif content_type == "multipart/form-data":
-        data = b""
-        reader = await request.multipart()
-        async for part in reader:
-            if getattr(part, "name", None) == "image":
-                data = await part.read()
-                break
-        else:
-            raise error(web.HTTPBadRequest, "multipart body has no field named 'image'")
-    else:
-        raise error(
-            web.HTTPUnsupportedMediaType,
-            "send the image as the body with an image/* content type, or as multipart field 'image'; "
-            f"got {content_type!r}",
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        return web.json_response(
+            {"error": message},
+            status=e.status,
+            headers={k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")},
         )
-    if not data:
-        raise error(web.HTTPBadRequest, "the image is empty")
-    return data
-
-
-async def search(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    api = node.settings.api
-    k = _int_param(request, "k", api.default_k, 1, api.max_k)
-    collection = request.query.get("collection", "products")
-    if collection not in COLLECTIONS:
-        raise error(web.HTTPBadRequest, f"collection must be one of {list(COLLECTIONS)}, got {collection!r}")
-    category = request.query.get("category") or None
-    data = await _read_image(request)
-    loop = asyncio.get_running_loop()
-    try:
-        result = await loop.run_in_executor(node.executor, node.query, data, k, collection, category)
-    except InvalidImage as e:
-        raise error(web.HTTPBadRequest, str(e)) from e
-    return web.json_response(
-        {
-            "collection": collection,
-            "category": category,
-            "hits": [_hit(h) for h in result.hits],
-            "items": [
-                {
-                    "box": list(item.box),
-                    "label": item.label,
-                    "category": item.category,
-                    "score": item.score,
-                    "hits": [_hit(h) for h in item.hits],
-                }
-                for item in result.items
-            ],
-            "timings_ms": result.timings_ms,
-        }
-    )
-
-
-def _hit(hit) -> dict:
-    return {"id": hit.id, "score": round(hit.score, 6), "category": hit.category, "attrs": hit.attrs}
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -129,7 +70,36 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """The process serves HTTP."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready once the consumer has its partitions and is within ``api.ready_max_lag`` of them.
+
+    The checkpoint is restored before the app exists, so a node that answers
+    here has its shards. Without consumers (``consume=False``) it is ready at once.
+    """
+    node = request.app[NODE]
+    consumer = node.active.consumer
+    reasons = []
+    if request.app[CONSUMING]:
+        if consumer is None or not consumer.assigned.is_set():
+            reasons.append("the consumer has no partitions yet")
+        elif consumer.lag and max(consumer.lag.values()) > node.settings.api.ready_max_lag:
+            reasons.append(f"consumer lag {max(consumer.lag.values())} is above {node.settings.api.ready_max_lag}")
+    if reasons:
+        return web.json_response({"ready": False, "reasons": reasons}, status=503)
+    return web.json_response({"ready": True, "reasons": []})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document(request.app[NODE].settings))
 
 
 def create_app(
@@ -140,11 +110,19 @@ def create_app(
     ``reload_settings`` (the CLI passes one that re-reads the config file) is
     called on SIGHUP: new model settings start a new generation.
     """
-    app = web.Application(client_max_size=node.settings.api.max_request_bytes)
+    app = web.Application(client_max_size=node.settings.api.max_request_bytes, middlewares=[json_errors])
     app[NODE] = node
+    app[METRICS] = Metrics(node)
+    app[CONSUMING] = consume
     app.router.add_post("/search", search)
+    app.router.add_post("/search/vector", search_vector)
+    app.router.add_get("/items/{id}", item)
+    app.router.add_get("/items/{id}/thumbnail", thumbnail)
     app.router.add_get("/stats", stats)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_document)
     if consume:
         app.cleanup_ctx.append(_ingest)
     if reload_settings is not None:
@@ -158,6 +136,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     """Run the consumers in their threads, and flip generations once a new one has caught up."""
     node = app[NODE]
     loop = asyncio.get_running_loop()
+    node.observe_freshness(app[METRICS].freshness.observe)
     await loop.run_in_executor(None, node.start_ingest)
     watcher = asyncio.create_task(_flip_when_caught_up(node))
     yield
@@ -194,4 +173,4 @@ async def _close_node(app: web.Application) -> None:
     await asyncio.get_running_loop().run_in_executor(None, app[NODE].close)
 
 
-__all__ = ["NODE", "create_app"]
+__all__ = ["NODE", "create_app", "error"]

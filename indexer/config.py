@@ -70,6 +70,8 @@ class ApiSettings(BaseModel):
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_k: int = Field(100, ge=1)
     default_k: int = Field(10, ge=1)
+    #: /readyz answers 503 while any partition is more than this many messages behind
+    ready_max_lag: int = Field(1000, ge=0)
 
 
 class ImageSettings(BaseModel):

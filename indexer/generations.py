@@ -27,6 +27,7 @@ from indexer.pipeline import Pipeline
 from indexer.segments import IndexPolicy
 from indexer.shards import ShardSet
 from indexer.stats import IngestStats
+from indexer.thumbnails import ThumbnailStore
 from plugins.manager import Models, build_plugin_manager, load_models, resolve_device
 from plugins.models import ModelContext
 
@@ -110,10 +111,10 @@ class Generation:
     def has_checkpoint(self) -> bool:
         return bool(self.restored_offsets) or (self.checkpointer is not None and self.checkpointer.last is not None)
 
-    def start_consumer(self, settings: Settings) -> None:
+    def start_consumer(self, settings: Settings, thumbnails: ThumbnailStore | None = None) -> None:
         kafka = settings.kafka.model_copy(update={"group_id": f"{settings.kafka.group_id}.{self.id}"})
         self.consumer = IndexingConsumer(
-            kafka, self.pipeline, self.shards, self.stats, self.checkpointer, self.restored_offsets
+            kafka, self.pipeline, self.shards, self.stats, self.checkpointer, self.restored_offsets, thumbnails
         )
         self.consumer.start()
 

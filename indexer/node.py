@@ -12,17 +12,22 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from indexer import generations
 from indexer.config import ModelSettings, Settings
 from indexer.generations import Generation
 from indexer.images import decode_image
 from indexer.pipeline import Pipeline
+from indexer.segments import ItemMeta
 from indexer.shards import Hit, ShardSet
 from indexer.stats import IngestStats
+from indexer.thumbnails import ThumbnailStore
 from plugins.manager import Models
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,7 @@ class QueryResult:
     items: list[QueryItem]
     hits: list[Hit]
     timings_ms: dict[str, float]
+    size: tuple[int, int]  # width, height of the query image
 
 
 class Node:
@@ -53,6 +59,8 @@ class Node:
         self.building: Generation | None = None
         #: Model inference and FAISS search run here, off the event loop.
         self.executor = ThreadPoolExecutor(2, "lookstream-query")
+        self.thumbnails = ThumbnailStore(settings.data_dir / "thumbnails")
+        self._freshness_observer: Callable[[float], None] | None = None
         self._ingesting = False
         self._switch_lock = threading.Lock()
 
@@ -78,10 +86,16 @@ class Node:
     def stats(self) -> IngestStats:
         return self.active.stats
 
+    def observe_freshness(self, observer: Callable[[float], None]) -> None:
+        """Feed every generation's per-event freshness to ``observer`` (the /metrics histogram)."""
+        self._freshness_observer = observer
+        for generation in self.generations():
+            generation.stats.freshness_observer = observer
+
     def start_ingest(self) -> None:
         self._ingesting = True
         for generation in self.generations():
-            generation.start_consumer(self.settings)
+            generation.start_consumer(self.settings, self.thumbnails)
 
     def stop_ingest(self) -> None:
         self._ingesting = False
@@ -102,11 +116,12 @@ class Node:
                     return None
             models = generations.load(self.settings, selection)
             new = Generation.create(self.settings, models, selection, durable=self.active.checkpointer is not None)
+            new.stats.freshness_observer = self._freshness_observer
             previous, self.building = self.building, new
             if previous is not None:
                 previous.close()
             if self._ingesting:
-                new.start_consumer(self.settings)
+                new.start_consumer(self.settings, self.thumbnails)
             log.info("generation %s started; %s answers until it has caught up", new.id, self.active.id)
             return new
 
@@ -122,32 +137,61 @@ class Node:
         old.close()
         return True
 
-    def query(self, data: bytes, k: int, collection: str, category: str | None) -> QueryResult:
+    def query(
+        self,
+        data: bytes,
+        k: int,
+        collection: str | tuple[str, ...],
+        category: str | None = None,
+        accept: Callable[[ItemMeta], bool] | None = None,
+    ) -> QueryResult:
         """Search with an image: hits per detected item, and for the whole image."""
         generation = self.active  # one generation for the whole query, even across a flip
         pipeline, shards = generation.pipeline, generation.shards
         start = time.perf_counter()
         image = decode_image(data, self.settings.images.max_pixels)
-        decoded = time.perf_counter()
-        items = pipeline.analyse([image], [{}])[0]
+        timings = {"decode": _ms(start, time.perf_counter())}
+        items = pipeline.analyse([image], [{}], timings)[0]
         whole = next((item for item in items if item.box == (0, 0, image.width, image.height)), None)
-        whole_vector = whole.vector if whole is not None else pipeline.encode([image])[0]
-        analysed = time.perf_counter()
+        if whole is not None:
+            whole_vector = whole.vector
+        else:
+            encode_start = time.perf_counter()
+            whole_vector = pipeline.encode([image])[0]
+            timings["encode"] = round(timings.get("encode", 0.0) + _ms(encode_start, time.perf_counter()), 2)
+        search_start = time.perf_counter()
         results = [
             QueryItem(
-                item.box, item.label, item.category, item.score, shards.search(item.vector, k, collection, category)
+                item.box,
+                item.label,
+                item.category,
+                item.score,
+                shards.search(item.vector, k, collection, category, accept),
             )
             for item in items
         ]
-        hits = shards.search(whole_vector, k, collection, category)
+        hits = shards.search(whole_vector, k, collection, category, accept)
         done = time.perf_counter()
-        timings = {
-            "decode": _ms(start, decoded),
-            "models": _ms(decoded, analysed),
-            "search": _ms(analysed, done),
-            "total": _ms(start, done),
-        }
-        return QueryResult(results, hits, timings)
+        timings.update(search=_ms(search_start, done), total=_ms(start, done))
+        return QueryResult(results, hits, timings, (image.width, image.height))
+
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        k: int,
+        collection: str | tuple[str, ...],
+        category: str | None = None,
+        accept: Callable[[ItemMeta], bool] | None = None,
+    ) -> list[Hit]:
+        shards = self.active.shards
+        if vector.shape != (shards.dim,):
+            raise ValueError(
+                f"vector must have {shards.dim} numbers (the active encoder's dimension), not {vector.size}"
+            )
+        norm = float(np.linalg.norm(vector))
+        if not np.isfinite(norm) or norm == 0:
+            raise ValueError("vector must be finite and not all zeros")
+        return shards.search((vector / norm).astype(np.float32), k, collection, category, accept)
 
     def describe(self) -> dict[str, Any]:
         return self.active.describe()

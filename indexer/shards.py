@@ -31,6 +31,7 @@ import ctypes
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,8 @@ from indexer.segments import (
 log = logging.getLogger(__name__)
 
 ShardKey = tuple[str, str]  # (collection, category)
+#: How many more candidates a filtered search fetches than it returns.
+FILTER_FETCH = 8
 #: Compact the growing segment once this many of its rows are deleted (and a sixteenth of it).
 _COMPACT_AFTER = 1024
 
@@ -61,9 +64,10 @@ _COMPACT_AFTER = 1024
 class Hit:
     id: str
     score: float
+    collection: str
     category: str
-    item: int
-    box: tuple[int, int, int, int]
+    item: int  # which item of the record matched (a garment of a post)
+    box: tuple[int, int, int, int]  # that item's box in the record's image
     attrs: dict[str, Any]
 
 
@@ -210,6 +214,8 @@ class ShardSet:
         self._shards: dict[ShardKey, Shard] = {}  # writer-only
         self._records: dict[tuple[str, str], list[tuple[ShardKey, int]]] = {}  # writer-only
         self._record_counts: dict[str, int] = {}
+        #: (collection, id) -> the record's items; replaced whole, so readers may look up without a lock
+        self._record_items: dict[tuple[str, str], tuple[ItemMeta, ...]] = {}
         self._keys = itertools.count()
         self._write_lock = threading.Lock()
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="lookstream-shard-build")
@@ -244,6 +250,7 @@ class ShardSet:
                             shards._records[record] = []
                             shards._record_counts[meta.collection] = shards._record_counts.get(meta.collection, 0) + 1
                         shards._records[record].append((shard_key, key))
+                        shards._record_items[record] = (*shards._record_items.get(record, ()), meta)
             sealed = None if sealed is None else on_backend(sealed, backend)
             shards._shards[shard_key] = Shard(dim, sealed, on_backend(growing, backend), backend)
         shards._publish(seq)
@@ -264,28 +271,23 @@ class ShardSet:
                     for shard_key, key in previous:
                         stale.setdefault(shard_key, []).append(key)
                 if isinstance(op, Delete):
+                    self._record_items.pop(record, None)
                     continue
-                placed = []
+                placed, record_metas = [], []
                 for position, item in enumerate(op.items):
                     shard_key, key = (op.collection, item.category), next(self._keys)
                     keys, vectors, metas = appends.setdefault(shard_key, ([], [], []))
                     keys.append(key)
                     vectors.append(item.vector)
-                    metas.append(
-                        ItemMeta(
-                            op.collection,
-                            item.category,
-                            op.record_id,
-                            position,
-                            item.box,
-                            item.label,
-                            item.score,
-                            op.ts,
-                            op.attrs,
-                        )
-                    )
+                    meta = ItemMeta(
+                        op.collection, item.category, op.record_id, position,
+                        item.box, item.label, item.score, op.ts, op.attrs,
+                    )  # fmt: skip
+                    metas.append(meta)
+                    record_metas.append(meta)
                     placed.append((shard_key, key))
                 self._records[record] = placed
+                self._record_items[record] = tuple(record_metas)
                 self._record_counts[op.collection] = self._record_counts.get(op.collection, 0) + 1
             for shard_key, (keys, vectors, metas) in appends.items():
                 if shard_key not in self._shards:
@@ -337,24 +339,47 @@ class ShardSet:
     def close(self) -> None:
         self._builder.shutdown(wait=True, cancel_futures=True)
 
-    def search(self, vector: np.ndarray, k: int, collection: str, category: str | None = None) -> list[Hit]:
-        """Top-k records by their best-matching item across the selected shards."""
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        collection: str | tuple[str, ...],
+        category: str | None = None,
+        accept: Callable[[ItemMeta], bool] | None = None,
+    ) -> list[Hit]:
+        """Top-k records by their best-matching item across the selected shards.
+
+        ``accept`` filters items by their metadata (brand, price, ...). Filtering
+        happens after the nearest-neighbour search, which then fetches
+        ``FILTER_FETCH`` times more candidates; a filter that rejects nearly all
+        of them can return fewer than k hits.
+        """
         view = self.view
+        collections = (collection,) if isinstance(collection, str) else collection
         query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
+        # More than k: one record may hold several matching items, and a filter drops some.
+        fetch = k * (FILTER_FETCH if accept is not None else 2)
         candidates: list[tuple[float, ItemMeta]] = []
         for (coll, cat), state in view.shards.items():
-            if coll == collection and (category is None or cat == category):
+            if coll in collections and (category is None or cat == category):
                 for segment in state.segments:
-                    # Ask for more than k: one record may hold several matching items.
-                    candidates.extend(segment.search(query, 2 * k, view.seq)[0])
+                    found = segment.search(query, fetch, view.seq)[0]
+                    candidates.extend(found if accept is None else (c for c in found if accept(c[1])))
         candidates.sort(key=lambda c: -c[0])
-        hits: dict[str, Hit] = {}
+        hits: dict[tuple[str, str], Hit] = {}
         for score, meta in candidates:
-            if meta.record_id not in hits:
-                hits[meta.record_id] = Hit(meta.record_id, score, meta.category, meta.item, meta.box, meta.attrs)
+            record = (meta.collection, meta.record_id)
+            if record not in hits:
+                hits[record] = Hit(
+                    meta.record_id, score, meta.collection, meta.category, meta.item, meta.box, meta.attrs
+                )
                 if len(hits) == k:
                     break
         return list(hits.values())
+
+    def record(self, collection: str, record_id: str) -> tuple[ItemMeta, ...] | None:
+        """The items of one record as last applied, or None if it is not indexed."""
+        return self._record_items.get((collection, record_id))
 
     def records(self, collection: str) -> int:
         return self._record_counts.get(collection, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -19,6 +20,8 @@ class IngestStats:
     #: event ts -> searchable, in ms, for the newest event of the last batch and the slowest ever
     freshness_ms_last: int | None = None
     freshness_ms_max: int = 0
+    #: called with each applied event's freshness in seconds (the /metrics histogram)
+    freshness_observer: Callable[[float], None] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_batch(
@@ -28,12 +31,16 @@ class IngestStats:
         deleted: int,
         rejected: list[str],
         offsets: dict[str, int],
-        freshness_ms: int | None,
+        freshness_ms: list[int],
     ) -> None:
+        """Count a batch; ``freshness_ms`` holds each applied event's searchable time minus its timestamp."""
+        if self.freshness_observer is not None:
+            for ms in freshness_ms:
+                self.freshness_observer(ms / 1000)
         with self._lock:
-            if freshness_ms is not None:
-                self.freshness_ms_last = freshness_ms
-                self.freshness_ms_max = max(self.freshness_ms_max, freshness_ms)
+            if freshness_ms:
+                self.freshness_ms_last = min(freshness_ms)  # the newest event of the batch
+                self.freshness_ms_max = max(self.freshness_ms_max, *freshness_ms)
             self.consumed += consumed
             self.indexed += indexed
             self.deleted += deleted

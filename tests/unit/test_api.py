@@ -1,30 +1,38 @@
+"""The HTTP API on a real aiohttp server, over a node with real models and shards (no Kafka)."""
+
 import aiohttp
+import numpy as np
 import pytest
 
 from indexer.api import create_app
 from indexer.config import Settings
 from indexer.events import Event
 from indexer.node import Node
+from indexer.thumbnails import store_thumbnails
 from tests.imagegen import encoded, product_image
 
 JPEG = {"Content-Type": "image/jpeg"}
 
 
+def catalog_event(i: int) -> Event:
+    attrs = {
+        "category": ("top", "bag")[i % 2],
+        "title": f"item {i}",
+        "brand": ("Acme", "Zeta")[i % 3 == 0],
+        "price": 10.0 * i,
+    }
+    return Event("product.upsert", f"p{i}", i, image=encoded(product_image(i)), attrs=attrs)
+
+
 @pytest.fixture
-def node(default_models):
-    settings = Settings.model_validate({"api": {"max_request_bytes": 200_000, "max_k": 20}})
+def node(default_models, tmp_path):
+    settings = Settings.model_validate({"api": {"max_request_bytes": 200_000, "max_k": 20}, "data_dir": str(tmp_path)})
     node = Node.create(settings, default_models)
-    events = [
-        Event(
-            "product.upsert",
-            f"p{i}",
-            i,
-            image=encoded(product_image(i)),
-            attrs={"category": ("top", "bag")[i % 2], "title": f"item {i}"},
-        )
-        for i in range(6)
-    ]
-    node.shards.apply(node.pipeline.process(events))
+    events = [catalog_event(i) for i in range(6)]
+    events.append(Event("post.upsert", "look-1", 9, image=encoded(product_image(3)), attrs={"user": "u1"}))
+    ops = node.pipeline.process(events)
+    node.shards.apply(ops)
+    store_thumbnails(node.thumbnails, ops)
     return node
 
 
@@ -33,15 +41,21 @@ async def client(aiohttp_client, node):
     return await aiohttp_client(create_app(node, consume=False))
 
 
-async def test_raw_image_finds_its_product_first(client):
-    response = await client.post("/search?k=3", data=encoded(product_image(4)), headers=JPEG)
-    assert response.status == 200
-    body = await response.json()
+async def search(client, seed: int, query: str = "", fmt: str = "JPEG") -> dict:
+    response = await client.post(f"/search{query}", data=encoded(product_image(seed), fmt), headers=JPEG)
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def test_raw_image_finds_its_product_first_with_items_and_stage_timings(client):
+    body = await search(client, 4, "?k=3")
     assert [h["id"] for h in body["hits"]][:1] == ["p4"] and len(body["hits"]) == 3
-    assert body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert body["hits"][0]["attrs"] == {"category": "top", "title": "item 4"}
-    assert body["items"][0]["hits"][0]["id"] == "p4"
-    assert set(body["timings_ms"]) == {"decode", "models", "search", "total"}
+    first = body["hits"][0]
+    assert first["score"] == pytest.approx(1.0, abs=1e-4) and first["collection"] == "products"
+    assert first["attrs"] == {"category": "top", "title": "item 4", "brand": "Acme", "price": 40.0}
+    assert body["items"][0]["hits"][0]["id"] == "p4" and body["items"][0]["box"] == [0, 0, 160, 200]
+    assert body["image"] == {"width": 160, "height": 200}
+    assert set(body["timings_ms"]) == {"decode", "detect", "encode", "search", "total"}
 
 
 async def test_multipart_field_and_category_filter(client):
@@ -52,9 +66,55 @@ async def test_multipart_field_and_category_filter(client):
     assert body["hits"][0]["id"] == "p1" and {h["category"] for h in body["hits"]} == {"bag"}
 
 
-async def test_posts_collection_is_separate(client):
-    response = await client.post("/search?collection=posts", data=encoded(product_image(1)), headers=JPEG)
-    assert (await response.json())["hits"] == []
+async def test_brand_and_price_filters(client):
+    body = await search(client, 3, "?k=10&brand=zeta")
+    assert {h["id"] for h in body["hits"]} == {"p0", "p3"}
+    body = await search(client, 3, "?k=10&price_min=15&price_max=35")
+    assert {h["id"] for h in body["hits"]} == {"p2", "p3"}
+
+
+async def test_posts_and_both_collections(client):
+    posts = await search(client, 3, "?collection=posts")
+    assert [h["id"] for h in posts["hits"]] == ["look-1"] and posts["hits"][0]["box"] == [0, 0, 160, 200]
+    both = await search(client, 3, "?collection=both&k=3")
+    assert {(h["collection"], h["id"]) for h in both["hits"][:2]} == {("products", "p3"), ("posts", "look-1")}
+
+
+async def test_vector_search(client, node):
+    vector = node.pipeline.encode([product_image(5)])[0]
+    response = await client.post("/search/vector", json={"vector": (vector * 3).tolist(), "k": 2})
+    body = await response.json()
+    assert response.status == 200 and body["hits"][0]["id"] == "p5" and len(body["hits"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"vector": [1.0, 2.0]}, "must have 1280 numbers"),
+        ({"vector": [0.0] * 1280}, "not all zeros"),
+        ({"vector": ["a"] * 1280}, "list of numbers"),
+        ({"vector": [1.0] * 1280, "k": 0}, "k must be between"),
+        ({"vec": []}, "'vector' list"),
+        ([1, 2], "'vector' list"),
+    ],
+)
+async def test_vector_search_refuses_bad_bodies(client, payload, message):
+    response = await client.post("/search/vector", json=payload)
+    assert response.status == 400 and message in (await response.json())["error"]
+
+
+async def test_items_and_thumbnails(client):
+    response = await client.get("/items/p2")
+    body = await response.json()
+    assert response.status == 200 and body["attrs"]["title"] == "item 2" and body["items"][0]["category"] == "top"
+    thumbnail = await client.get(body["thumbnail"])
+    assert thumbnail.status == 200 and thumbnail.content_type == "image/jpeg"
+    assert (await thumbnail.read())[:2] == b"\xff\xd8"
+    post = await client.get("/items/look-1?collection=posts")
+    assert (await post.json())["items"][0]["box"] == [0, 0, 160, 200]
+    for url in ("/items/nope", "/items/nope/thumbnail", "/items/look-1"):
+        missing = await client.get(url)
+        assert missing.status == 404 and "no " in (await missing.json())["error"]
 
 
 @pytest.mark.parametrize(
@@ -63,7 +123,9 @@ async def test_posts_collection_is_separate(client):
         ("?k=0", JPEG, b"x", 400, "k must be between 1 and 20"),
         ("?k=21", JPEG, b"x", 400, "k must be between"),
         ("?k=ten", JPEG, b"x", 400, "k must be an integer"),
-        ("?collection=users", JPEG, b"x", 400, "collection must be one of"),
+        ("?collection=users", JPEG, b"x", 400, "collection must be products, posts or both"),
+        ("?price_min=5&price_max=1", JPEG, b"x", 400, "price_min must not be above price_max"),
+        ("?price_min=nan", JPEG, b"x", 400, "price_min must be between"),
         ("", {"Content-Type": "text/plain"}, b"x", 415, "image/* content type"),
         ("", JPEG, b"", 400, "the image is empty"),
         ("", JPEG, b"not a jpeg", 400, "not a JPEG, PNG or WebP"),
@@ -84,12 +146,29 @@ async def test_multipart_without_image_field(client):
     assert response.status == 400 and "no field named 'image'" in (await response.json())["error"]
 
 
-async def test_stats_and_healthz(client):
+async def test_stats_health_readiness(client):
     stats = await (await client.get("/stats")).json()
-    assert stats["records"] == {"products": 6, "posts": 0}
-    assert [(s["collection"], s["category"], s["vectors"], s["sealed"]) for s in stats["shards"]] == [
-        ("products", "bag", 3, None),
-        ("products", "top", 3, None),
+    assert stats["records"] == {"products": 6, "posts": 1}
+    assert [(s["collection"], s["category"], s["vectors"]) for s in stats["shards"]] == [
+        ("posts", "uncategorized", 1),
+        ("products", "bag", 3),
+        ("products", "top", 3),
     ]
-    assert stats["models"]["encoder"] == "efficientnet-lite0" and stats["consumer"]["running"] is False
+    assert stats["models"]["encoder"] == "efficientnet-lite0" and stats["backend"] == "cpu"
+    assert [g["state"] for g in stats["generations"]] == ["active"]
     assert (await (await client.get("/healthz")).json()) == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["ready"] is True
+
+
+async def test_metrics_count_queries_and_shards(client):
+    await search(client, 1)
+    text = await (await client.get("/metrics")).text()
+    assert 'lookstream_shard_vectors{category="top",collection="products"} 3.0' in text
+    assert 'lookstream_query_stage_seconds_count{stage="encode"} 1.0' in text
+    assert "lookstream_events_consumed_total 0.0" in text and "lookstream_freshness_seconds_bucket" in text
+
+
+def test_vector_dimension_is_the_active_encoders(node):
+    with pytest.raises(ValueError, match="1280"):
+        node.search_vector(np.ones(3, np.float32), 1, "products")

@@ -1,0 +1,251 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at ``/openapi.json``.
+
+Written by hand next to the routes it describes; tests/unit/test_openapi.py
+keeps it true (every route listed, every answer the tests get valid against it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from indexer.config import Settings
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Schema]:
+    text = {
+        400: "bad parameters or image",
+        404: "not found",
+        413: "request too large",
+        415: "unsupported content type",
+        503: "not ready",
+    }
+    return {str(code): _json(_ref("Error"), text[code]) for code in codes}
+
+
+def document(settings: Settings) -> Schema:
+    api = settings.api
+    box = {
+        "type": "array",
+        "items": {"type": "integer"},
+        "minItems": 4,
+        "maxItems": 4,
+        "description": "x0, y0, x1, y1 in pixels of the record's (or query's) image",
+    }
+    query_params = [
+        {
+            "name": "k",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": api.max_k, "default": api.default_k},
+        },
+        {
+            "name": "collection",
+            "in": "query",
+            "schema": {"type": "string", "enum": ["products", "posts", "both"], "default": "products"},
+        },
+        {"name": "category", "in": "query", "schema": {"type": "string"}},
+        {"name": "brand", "in": "query", "schema": {"type": "string"}, "description": "attrs.brand, any case"},
+        {"name": "price_min", "in": "query", "schema": {"type": "number", "minimum": 0}},
+        {"name": "price_max", "in": "query", "schema": {"type": "number", "minimum": 0}},
+    ]
+    collection_param = {
+        "name": "collection",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["products", "posts"], "default": "products"},
+    }
+    id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    schemas: dict[str, Schema] = {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+        "Hit": {
+            "type": "object",
+            "required": ["id", "score", "collection", "category", "item", "box", "attrs"],
+            "properties": {
+                "id": {"type": "string"},
+                "score": {"type": "number"},
+                "collection": {"type": "string", "enum": ["products", "posts"]},
+                "category": {"type": "string"},
+                "item": {"type": "integer", "description": "which item of the record matched"},
+                "box": box,
+                "attrs": {"type": "object"},
+            },
+        },
+        "SearchResponse": {
+            "type": "object",
+            "required": ["collections", "image", "items", "hits", "timings_ms"],
+            "properties": {
+                "collections": {"type": "array", "items": {"type": "string"}},
+                "image": {
+                    "type": "object",
+                    "required": ["width", "height"],
+                    "properties": {"width": {"type": "integer"}, "height": {"type": "integer"}},
+                },
+                "items": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["box", "label", "category", "score", "hits"],
+                        "properties": {
+                            "box": box,
+                            "label": {"type": ["string", "null"]},
+                            "category": {"type": "string"},
+                            "score": {"type": "number"},
+                            "hits": {"type": "array", "items": _ref("Hit")},
+                        },
+                    },
+                },
+                "hits": {"type": "array", "items": _ref("Hit"), "description": "for the whole image"},
+                "timings_ms": {
+                    "type": "object",
+                    "required": ["decode", "detect", "encode", "search", "total"],
+                    "additionalProperties": {"type": "number"},
+                },
+            },
+        },
+        "VectorSearchRequest": {
+            "type": "object",
+            "required": ["vector"],
+            "properties": {
+                "vector": {"type": "array", "items": {"type": "number"}, "minItems": 1},
+                "k": {"type": "integer", "minimum": 1, "maximum": api.max_k},
+                "collection": {"type": "string", "enum": ["products", "posts", "both"]},
+                "category": {"type": "string"},
+                "brand": {"type": "string"},
+                "price_min": {"type": "number", "minimum": 0},
+                "price_max": {"type": "number", "minimum": 0},
+            },
+        },
+        "HitList": {
+            "type": "object",
+            "required": ["hits"],
+            "properties": {"hits": {"type": "array", "items": _ref("Hit")}},
+        },
+        "Item": {
+            "type": "object",
+            "required": ["id", "collection", "ts", "attrs", "items", "thumbnail"],
+            "properties": {
+                "id": {"type": "string"},
+                "collection": {"type": "string"},
+                "ts": {"type": ["integer", "null"]},
+                "attrs": {"type": "object"},
+                "thumbnail": {"type": "string"},
+                "items": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["item", "category", "label", "score", "box"],
+                        "properties": {
+                            "item": {"type": "integer"},
+                            "category": {"type": "string"},
+                            "label": {"type": ["string", "null"]},
+                            "score": {"type": "number"},
+                            "box": box,
+                        },
+                    },
+                },
+            },
+        },
+        "Stats": {"type": "object", "required": ["models", "backend", "records", "shards", "ingest", "generations"]},
+        "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+        "Ready": {
+            "type": "object",
+            "required": ["ready", "reasons"],
+            "properties": {"ready": {"type": "boolean"}, "reasons": {"type": "array", "items": {"type": "string"}}},
+        },
+    }
+    image_body = {
+        "required": True,
+        "content": {
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+    paths = {
+        "/search": {
+            "post": {
+                "summary": "Search with a photo: hits per detected garment and for the whole image",
+                "parameters": query_params,
+                "requestBody": image_body,
+                "responses": {"200": _json(_ref("SearchResponse"), "results"), **_errors(400, 413, 415)},
+            }
+        },
+        "/search/vector": {
+            "post": {
+                "summary": "Search with an embedding of the active encoder",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("VectorSearchRequest")}},
+                },
+                "responses": {"200": _json(_ref("HitList"), "results"), **_errors(400, 413, 415)},
+            }
+        },
+        "/items/{id}": {
+            "get": {
+                "summary": "One indexed record: attrs and items",
+                "parameters": [id_param, collection_param],
+                "responses": {"200": _json(_ref("Item"), "the record"), **_errors(400, 404)},
+            }
+        },
+        "/items/{id}/thumbnail": {
+            "get": {
+                "summary": "The small JPEG kept at index time",
+                "parameters": [id_param, collection_param],
+                "responses": {
+                    "200": {
+                        "description": "JPEG",
+                        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    **_errors(400, 404),
+                },
+            }
+        },
+        "/stats": {
+            "get": {
+                "summary": "Shards, generations, ingest counters and offsets",
+                "responses": {"200": _json(_ref("Stats"), "statistics")},
+            }
+        },
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json(_ref("Health"), "alive")}}},
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: partitions assigned and lag under the threshold",
+                "responses": {"200": _json(_ref("Ready"), "ready"), "503": _json(_ref("Ready"), "not ready")},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")}}
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "lookstream", "version": "1", "description": "Visual search over live fashion indexes."},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }

@@ -1,0 +1,234 @@
+"""Search and item routes: ``POST /search``, ``POST /search/vector``, ``GET /items/{id}`` and its thumbnail.
+
+Parameters are validated here and turned into 400s with a message; the work
+(models, FAISS) runs in the node's executor, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from indexer.events import COLLECTIONS
+from indexer.images import InvalidImage
+from indexer.node import Node
+from indexer.segments import ItemMeta
+from indexer.shards import Hit
+
+NODE = web.AppKey("node", Node)
+METRICS = web.AppKey("metrics", object)
+
+
+def error(status: type[web.HTTPError], message: str) -> web.HTTPError:
+    return status(text=json.dumps({"error": message}), content_type="application/json")
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to search and how: shared by the image and the vector route."""
+
+    k: int
+    collections: tuple[str, ...]
+    category: str | None
+    brand: str | None
+    price_min: float | None
+    price_max: float | None
+
+    def accept(self) -> Callable[[ItemMeta], bool] | None:
+        """An attribute filter, or None when none was asked for."""
+        if self.brand is None and self.price_min is None and self.price_max is None:
+            return None
+        brand = self.brand.casefold() if self.brand is not None else None
+
+        def accept(meta: ItemMeta) -> bool:
+            attrs = meta.attrs
+            if brand is not None and str(attrs.get("brand", "")).casefold() != brand:
+                return False
+            if self.price_min is not None or self.price_max is not None:
+                price = attrs.get("price")
+                if isinstance(price, bool) or not isinstance(price, int | float):
+                    return False
+                if self.price_min is not None and price < self.price_min:
+                    return False
+                if self.price_max is not None and price > self.price_max:
+                    return False
+            return True
+
+        return accept
+
+    @classmethod
+    def parse(cls, params: dict[str, Any], node: Node) -> Query:
+        api = node.settings.api
+        k = _number(params, "k", int, api.default_k, 1, api.max_k)
+        collection = params.get("collection", "products")
+        if collection not in (*COLLECTIONS, "both"):
+            raise error(web.HTTPBadRequest, f"collection must be products, posts or both, got {collection!r}")
+        collections = COLLECTIONS if collection == "both" else (collection,)
+        category = params.get("category") or None
+        brand = params.get("brand") or None
+        for name, value in (("category", category), ("brand", brand)):
+            if value is not None and not isinstance(value, str):
+                raise error(web.HTTPBadRequest, f"{name} must be a string")
+        price_min = _number(params, "price_min", float, None, 0, math.inf)
+        price_max = _number(params, "price_max", float, None, 0, math.inf)
+        if price_min is not None and price_max is not None and price_min > price_max:
+            raise error(web.HTTPBadRequest, "price_min must not be above price_max")
+        return cls(k, collections, category, brand, price_min, price_max)
+
+
+def _number(params: dict[str, Any], name: str, kind: type, default, low: float, high: float):
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        if isinstance(raw, bool) or (kind is int and isinstance(raw, float)):
+            raise ValueError
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise error(
+            web.HTTPBadRequest, f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}"
+        ) from None
+    if not (low <= value <= high) or (kind is float and not math.isfinite(value)):
+        raise error(web.HTTPBadRequest, f"{name} must be between {low} and {high}, got {raw!r}")
+    return value
+
+
+def hit_json(hit: Hit) -> dict[str, Any]:
+    return {
+        "id": hit.id,
+        "score": round(hit.score, 6),
+        "collection": hit.collection,
+        "category": hit.category,
+        "item": hit.item,
+        "box": list(hit.box),
+        "attrs": hit.attrs,
+    }
+
+
+async def _read_image(request: web.Request) -> bytes:
+    content_type = request.content_type
+    if content_type.startswith("image/"):
+        data = await request.read()
+    elif content_type == "multipart/form-data":
+        data = b""
+        reader = await request.multipart()
+        async for part in reader:
+            if getattr(part, "name", None) == "image":
+                data = await part.read()
+                break
+        else:
+            raise error(web.HTTPBadRequest, "multipart body has no field named 'image'")
+    else:
+        raise error(
+            web.HTTPUnsupportedMediaType,
+            "send the image as the body with an image/* content type, or as multipart field 'image'; "
+            f"got {content_type!r}",
+        )
+    if not data:
+        raise error(web.HTTPBadRequest, "the image is empty")
+    return data
+
+
+async def search(request: web.Request) -> web.Response:
+    """Per detected item its box, category, score and hits; and hits for the whole image."""
+    node = request.app[NODE]
+    query = Query.parse(dict(request.query), node)
+    data = await _read_image(request)
+    loop = asyncio.get_running_loop()
+    try:
+        result = await loop.run_in_executor(
+            node.executor, node.query, data, query.k, query.collections, query.category, query.accept()
+        )
+    except InvalidImage as e:
+        raise error(web.HTTPBadRequest, str(e)) from e
+    request.app[METRICS].observe_query(result.timings_ms)
+    width, height = result.size
+    return web.json_response(
+        {
+            "collections": list(query.collections),
+            "image": {"width": width, "height": height},
+            "items": [
+                {
+                    "box": list(item.box),
+                    "label": item.label,
+                    "category": item.category,
+                    "score": item.score,
+                    "hits": [hit_json(h) for h in item.hits],
+                }
+                for item in result.items
+            ],
+            "hits": [hit_json(h) for h in result.hits],
+            "timings_ms": result.timings_ms,
+        }
+    )
+
+
+async def search_vector(request: web.Request) -> web.Response:
+    """Search with an embedding of the active encoder: JSON ``{"vector": [...], "k": 10, ...}``."""
+    node = request.app[NODE]
+    if request.content_type != "application/json":
+        raise error(web.HTTPUnsupportedMediaType, f"send JSON (application/json), got {request.content_type!r}")
+    try:
+        body = await request.json()
+    except ValueError as e:
+        raise error(web.HTTPBadRequest, f"the body is not JSON: {e}") from e
+    if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
+        raise error(web.HTTPBadRequest, "the body must be an object with a 'vector' list of numbers")
+    query = Query.parse(body, node)
+    try:
+        vector = np.asarray(body["vector"], dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise error(web.HTTPBadRequest, "vector must be a list of numbers") from e
+    loop = asyncio.get_running_loop()
+    try:
+        hits = await loop.run_in_executor(
+            node.executor, node.search_vector, vector, query.k, query.collections, query.category, query.accept()
+        )
+    except ValueError as e:
+        raise error(web.HTTPBadRequest, str(e)) from e
+    return web.json_response({"hits": [hit_json(h) for h in hits]})
+
+
+def _collection(request: web.Request) -> str:
+    collection = request.query.get("collection", "products")
+    if collection not in COLLECTIONS:
+        raise error(web.HTTPBadRequest, f"collection must be products or posts, got {collection!r}")
+    return collection
+
+
+async def item(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    collection, record_id = _collection(request), request.match_info["id"]
+    metas = node.active.shards.record(collection, record_id)
+    if metas is None:
+        raise error(web.HTTPNotFound, f"no {collection} record with id {record_id!r}")
+    first = metas[0] if metas else None
+    return web.json_response(
+        {
+            "id": record_id,
+            "collection": collection,
+            "ts": first.ts if first else None,
+            "attrs": first.attrs if first else {},
+            "items": [
+                {"item": m.item, "category": m.category, "label": m.label, "score": m.score, "box": list(m.box)}
+                for m in metas
+            ],
+            "thumbnail": f"/items/{record_id}/thumbnail?collection={collection}",
+        }
+    )
+
+
+async def thumbnail(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    collection, record_id = _collection(request), request.match_info["id"]
+    jpeg = node.thumbnails.get(collection, record_id)
+    if jpeg is None or node.active.shards.record(collection, record_id) is None:
+        raise error(web.HTTPNotFound, f"no thumbnail for {collection} record {record_id!r}")
+    return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "max-age=60"})
