@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -23,7 +24,7 @@ from indexer.config import Settings
 from indexer.events import COLLECTIONS
 from indexer.metrics import CONTENT_TYPE, Metrics
 from indexer.node import Node
-from indexer.search_api import METRICS, NODE, error, item, search, search_vector, thumbnail
+from indexer.search_api import METRICS, NODE, error, item, recent, search, search_vector, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    """The search page: drop a photo, see its garments boxed and similar products under each."""
+    return web.FileResponse(PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
 async def openapi_document(request: web.Request) -> web.Response:
     return web.json_response(openapi.document(request.app[NODE].settings))
 
@@ -118,6 +127,8 @@ def create_app(
     app.router.add_post("/search/vector", search_vector)
     app.router.add_get("/items/{id}", item)
     app.router.add_get("/items/{id}/thumbnail", thumbnail)
+    app.router.add_get("/recent", recent)
+    app.router.add_get("/", page)
     app.router.add_get("/stats", stats)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

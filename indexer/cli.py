@@ -266,3 +266,52 @@ def evaluate_command(config_path, set_dir, encoders, photos, output) -> None:
         click.echo(f"{report.encoder}: Recall@1 by query kind: {kinds}")
     if output:
         output.write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=2) + "\n")
+
+
+@main.command(name="search")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The node's API.")
+@click.option("-k", "--k", "k", type=int, default=10, show_default=True)
+@click.option("--collection", type=click.Choice(["products", "posts", "both"]), default="products", show_default=True)
+@click.option("--category", help="Only this category.")
+def search_command(image: Path, url: str, k: int, collection: str, category: str | None) -> None:
+    """Search a running node with a photo; print the hits per detected item and for the whole image."""
+    import json
+    import mimetypes
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    params = {"k": k, "collection": collection, **({"category": category} if category else {})}
+    content_type = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/search?{urllib.parse.urlencode(params)}",
+        data=image.read_bytes(),
+        headers={"Content-Type": content_type},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise click.ClickException(f"{e.code}: {json.loads(e.read()).get('error', e.reason)}") from e
+    except urllib.error.URLError as e:
+        raise click.ClickException(f"cannot reach {url}: {e.reason}") from e
+    groups = [
+        (f"item {i + 1}: {item['label'] or item['category']} {item['box']}", item["hits"])
+        for i, item in enumerate(body["items"])
+    ]
+    groups.append(("whole image", body["hits"]))
+    for title, hits in groups:
+        click.echo(title)
+        click.echo(f"  {'#':>3}  {'score':>6}  {'id':<24} {'collection':<9} {'category':<14} title")
+        for rank, hit in enumerate(hits, 1):
+            attrs = hit["attrs"]
+            label = attrs.get("title") or attrs.get("brand") or attrs.get("source") or ""
+            click.echo(
+                f"  {rank:>3}  {hit['score']:>6.3f}  {hit['id']:<24.24} {hit['collection']:<9} "
+                f"{hit['category']:<14.14} {label}"
+            )
+        if not hits:
+            click.echo("  (no hits)")
+    timings = ", ".join(f"{stage} {ms:.0f}" for stage, ms in body["timings_ms"].items())
+    click.echo(f"timings (ms): {timings}")

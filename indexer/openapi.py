@@ -123,6 +123,19 @@ def document(settings: Settings) -> Schema:
                 "price_max": {"type": "number", "minimum": 0},
             },
         },
+        "RecentList": {
+            "type": "object",
+            "required": ["records"],
+            "properties": {
+                "records": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "collection", "category", "ts", "attrs", "thumbnail"],
+                    },
+                }
+            },
+        },
         "HitList": {
             "type": "object",
             "required": ["hits"],
@@ -213,6 +226,25 @@ def document(settings: Settings) -> Schema:
                     },
                     **_errors(400, 404),
                 },
+            }
+        },
+        "/recent": {
+            "get": {
+                "summary": "Recently indexed records, newest first",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 24},
+                    }
+                ],
+                "responses": {"200": _json(_ref("RecentList"), "records"), **_errors(400)},
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The search page",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
             }
         },
         "/stats": {

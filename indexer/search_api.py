@@ -225,6 +225,28 @@ async def item(request: web.Request) -> web.Response:
     )
 
 
+async def recent(request: web.Request) -> web.Response:
+    """Recently indexed records, newest first (``limit`` 1-200, default 24)."""
+    node = request.app[NODE]
+    limit = _number(dict(request.query), "limit", int, 24, 1, 200)
+    records = node.active.shards.recent(limit)
+    return web.json_response(
+        {
+            "records": [
+                {
+                    "id": items[0].record_id,
+                    "collection": items[0].collection,
+                    "category": items[0].category,
+                    "ts": items[0].ts,
+                    "attrs": items[0].attrs,
+                    "thumbnail": f"/items/{items[0].record_id}/thumbnail?collection={items[0].collection}",
+                }
+                for items in records
+            ]
+        }
+    )
+
+
 async def thumbnail(request: web.Request) -> web.Response:
     node = request.app[NODE]
     collection, record_id = _collection(request), request.match_info["id"]

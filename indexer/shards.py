@@ -31,6 +31,7 @@ import ctypes
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 ShardKey = tuple[str, str]  # (collection, category)
 #: How many more candidates a filtered search fetches than it returns.
 FILTER_FETCH = 8
+RECENT = 200
 #: Compact the growing segment once this many of its rows are deleted (and a sixteenth of it).
 _COMPACT_AFTER = 1024
 
@@ -216,6 +218,8 @@ class ShardSet:
         self._record_counts: dict[str, int] = {}
         #: (collection, id) -> the record's items; replaced whole, so readers may look up without a lock
         self._record_items: dict[tuple[str, str], tuple[ItemMeta, ...]] = {}
+        #: the most recently upserted records, newest last (the web page's "recently indexed")
+        self._recent: deque[tuple[str, str]] = deque(maxlen=RECENT)
         self._keys = itertools.count()
         self._write_lock = threading.Lock()
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="lookstream-shard-build")
@@ -288,6 +292,7 @@ class ShardSet:
                     placed.append((shard_key, key))
                 self._records[record] = placed
                 self._record_items[record] = tuple(record_metas)
+                self._recent.append(record)
                 self._record_counts[op.collection] = self._record_counts.get(op.collection, 0) + 1
             for shard_key, (keys, vectors, metas) in appends.items():
                 if shard_key not in self._shards:
@@ -376,6 +381,18 @@ class ShardSet:
                 if len(hits) == k:
                     break
         return list(hits.values())
+
+    def recent(self, limit: int) -> list[tuple[ItemMeta, ...]]:
+        """Up to ``limit`` recently upserted records that are still indexed, newest first."""
+        out, seen = [], set()
+        for record in reversed(list(self._recent)):
+            items = self._record_items.get(record)
+            if items and record not in seen:
+                seen.add(record)
+                out.append(items)
+                if len(out) == limit:
+                    break
+        return out
 
     def record(self, collection: str, record_id: str) -> tuple[ItemMeta, ...] | None:
         """The items of one record as last applied, or None if it is not indexed."""

@@ -172,3 +172,23 @@ async def test_metrics_count_queries_and_shards(client):
 def test_vector_dimension_is_the_active_encoders(node):
     with pytest.raises(ValueError, match="1280"):
         node.search_vector(np.ones(3, np.float32), 1, "products")
+
+
+async def test_search_command_prints_a_table(aiohttp_server, node, tmp_path):
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from indexer.cli import main
+
+    server = await aiohttp_server(create_app(node, consume=False))
+    (tmp_path / "q.jpg").write_bytes(encoded(product_image(2)))
+    args = ["search", str(tmp_path / "q.jpg"), "--url", f"http://127.0.0.1:{server.port}", "-k", "2"]
+    result = await asyncio.get_running_loop().run_in_executor(None, CliRunner().invoke, main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "item 1: uncategorized [0, 0, 160, 200]"  # a query has no attrs to classify by
+    assert lines[2].split()[:3] == ["1", "1.000", "p2"] and "item 2" in lines[2]
+    assert "whole image" in result.output and result.output.rstrip().splitlines()[-1].startswith("timings (ms)")
+    bad = await asyncio.get_running_loop().run_in_executor(None, CliRunner().invoke, main, [*args, "-k", "500"])
+    assert bad.exit_code != 0 and "400: k must be between 1 and 20" in bad.output
