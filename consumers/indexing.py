@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 REASON_HEADER = "lookstream.reason"
 SOURCE_HEADER = "lookstream.source"
+#: On a dead letter whose value was too large to forward: the dropped value's size in bytes.
+DROPPED_HEADER = "lookstream.dropped-bytes"
 RETRY_PAUSE_S = 1.0
 
 
@@ -52,6 +54,7 @@ RETRY_PAUSE_S = 1.0
 class DeadLetter:
     record: ConsumerRecord
     reason: str
+    keep_value: bool = True  # False for a value too large to forward: only its headers and size go on
 
 
 class _CheckpointingListener(ConsumerRebalanceListener):
@@ -219,6 +222,11 @@ class IndexingConsumer:
         dead: list[DeadLetter] = []
         events, sources = [], []
         for record in records:
+            size = len(record.value or b"")
+            if size > self.kafka.max_message_bytes:
+                reason = f"message of {size} bytes is over the {self.kafka.max_message_bytes} byte limit"
+                dead.append(DeadLetter(record, reason, keep_value=False))
+                continue
             try:
                 event = decode_event(record.value)
                 if event.collection != self.collection_of_topic[record.topic]:
@@ -265,11 +273,13 @@ class IndexingConsumer:
                 (REASON_HEADER, letter.reason.encode()),
                 (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
             ]
+            if not letter.keep_value:
+                headers.append((DROPPED_HEADER, str(len(record.value or b"")).encode()))
             futures.append(
                 producer.send(
                     self.kafka.topics.dead_letter,
                     key=record.key,
-                    value=record.value,
+                    value=record.value if letter.keep_value else None,
                     headers=headers,
                 )
             )

@@ -81,6 +81,9 @@ class ImageSettings(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1)
     # Directories a `file://` image_uri may point into; empty refuses every file URI.
     file_roots: tuple[Path, ...] = ()
+    # Hosts ("host" or "host:port") an `http(s)://` image_uri may be fetched from; empty refuses all.
+    http_hosts: tuple[str, ...] = ()
+    http_timeout_s: float = Field(5.0, gt=0)
 
 
 class ShardSettings(BaseModel):

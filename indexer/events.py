@@ -9,6 +9,8 @@ wrong raises :class:`InvalidEvent`, whose message becomes the dead-letter reason
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,9 @@ import msgpack
 
 ENVELOPE_VERSION = 1
 MAX_ID_LENGTH = 256
+MAX_ATTRS = 64
+MAX_ATTRS_DEPTH = 6
+MAX_ATTRS_BYTES = 16 * 1024
 
 #: event type -> (collection, is_delete)
 EVENT_TYPES: dict[str, tuple[str, bool]] = {
@@ -93,8 +98,9 @@ def decode_event(payload: bytes | None) -> Event:
         raise InvalidEvent("ts must be a non-negative integer (ms since epoch)")
 
     attrs = body.get("attrs", {})
-    if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
+    if not isinstance(attrs, dict):
         raise InvalidEvent("attrs must be a map with string keys")
+    _check_attrs(attrs)
 
     image = body.get("image")
     image_uri = body.get("image_uri")
@@ -108,6 +114,35 @@ def decode_event(payload: bytes | None) -> Event:
 
     extra = {k: v for k, v in body.items() if k not in _KNOWN_FIELDS}
     return Event(event_type, record_id, ts, image, image_uri, attrs, extra)
+
+
+def _check_attrs(attrs: dict) -> None:
+    """Attrs come back in JSON answers: only JSON values, bounded in size and depth."""
+    if len(attrs) > MAX_ATTRS:
+        raise InvalidEvent(f"attrs has {len(attrs)} keys; at most {MAX_ATTRS} are allowed")
+
+    def check(value: Any, path: str, depth: int) -> None:
+        if depth > MAX_ATTRS_DEPTH:
+            raise InvalidEvent(f"attrs are nested deeper than {MAX_ATTRS_DEPTH} levels at {path}")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InvalidEvent(f"attrs keys must be strings, got {type(key).__name__} at {path}")
+                check(item, f"{path}.{key}", depth + 1)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                check(item, f"{path}[{index}]", depth + 1)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidEvent(f"attrs value at {path} is not a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+            raise InvalidEvent(f"attrs value at {path} is too large for JSON clients")
+        elif value is not None and not isinstance(value, str | int | float | bool):
+            raise InvalidEvent(f"attrs value at {path} must be a JSON value, got {type(value).__name__}")
+
+    check(attrs, "attrs", 0)
+    size = len(json.dumps(attrs, ensure_ascii=False).encode())
+    if size > MAX_ATTRS_BYTES:
+        raise InvalidEvent(f"attrs take {size} bytes as JSON; at most {MAX_ATTRS_BYTES} are allowed")
 
 
 def _required(body: dict, name: str, kind: type) -> Any:

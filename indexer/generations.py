@@ -23,6 +23,7 @@ from consumers.indexing import IndexingConsumer
 from indexer import gpu
 from indexer.checkpoint import Checkpointer, load_latest
 from indexer.config import ModelSettings, Settings
+from indexer.images import UriPolicy
 from indexer.pipeline import Pipeline
 from indexer.segments import IndexPolicy
 from indexer.shards import ShardSet
@@ -32,6 +33,11 @@ from plugins.manager import Models, build_plugin_manager, load_models, resolve_d
 from plugins.models import ModelContext
 
 log = logging.getLogger(__name__)
+
+
+def uri_policy(settings: Settings) -> UriPolicy:
+    images = settings.images
+    return UriPolicy(images.file_roots, images.http_hosts, images.http_timeout_s, settings.kafka.max_message_bytes)
 
 
 def load(settings: Settings, selection: ModelSettings) -> Models:
@@ -84,10 +90,7 @@ class Generation:
         """Empty shards for these models; with ``durable``, restored from this generation's newest checkpoint."""
         selection = selection or settings.models
         pipeline = Pipeline(
-            models,
-            batch_size=selection.batch_size,
-            max_pixels=settings.images.max_pixels,
-            file_roots=settings.images.file_roots,
+            models, batch_size=selection.batch_size, max_pixels=settings.images.max_pixels, uris=uri_policy(settings)
         )
         s = settings.shards
         policy = IndexPolicy(

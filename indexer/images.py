@@ -8,7 +8,10 @@ animation) are converted; broken or hostile ones raise :class:`InvalidImage`.
 from __future__ import annotations
 
 import io
+import urllib.error
+import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -61,15 +64,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image_uri(uri: str, file_roots: tuple[Path, ...]) -> bytes:
-    """Read the bytes an ``image_uri`` points at; only ``file://`` inside ``file_roots``.
+@dataclass(frozen=True)
+class UriPolicy:
+    """Where an ``image_uri`` may point: directories for ``file://``, hosts for ``http(s)://``."""
 
-    Paths are resolved (symlinks and ``..``) before the root check, so neither
-    traversal nor a link can reach outside the configured directories.
-    """
+    file_roots: tuple[Path, ...] = ()
+    http_hosts: tuple[str, ...] = ()  # "host" or "host:port", exact; nothing else is fetched (no SSRF)
+    timeout_s: float = 5.0
+    max_bytes: int = 20 * 1024 * 1024
+
+
+def read_image_uri(uri: str, policy: UriPolicy) -> bytes:
+    """Read the bytes an ``image_uri`` points at, within the policy."""
     parsed = urlparse(uri)
-    if parsed.scheme != "file":
-        raise InvalidImage(f"image_uri scheme {parsed.scheme!r} is not supported (only file://)")
+    if parsed.scheme == "file":
+        return _read_file(uri, parsed, policy.file_roots)
+    if parsed.scheme in ("http", "https"):
+        return _fetch(uri, parsed, policy)
+    raise InvalidImage(f"image_uri scheme {parsed.scheme!r} is not supported (file, http, https)")
+
+
+def _read_file(uri: str, parsed, file_roots: tuple[Path, ...]) -> bytes:
+    """Only inside ``file_roots``; paths are resolved (symlinks, ``..``) before the check."""
     if parsed.netloc not in ("", "localhost"):
         raise InvalidImage(f"file URI with host {parsed.netloc!r} is not allowed")
     if not file_roots:
@@ -81,3 +97,29 @@ def read_image_uri(uri: str, file_roots: tuple[Path, ...]) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise InvalidImage(f"cannot read image_uri {uri!r}: {e.strerror}") from e
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise InvalidImage(f"image_uri redirects to {newurl!r}; redirects are not followed")
+
+
+def _fetch(uri: str, parsed, policy: UriPolicy) -> bytes:
+    """GET from an allowed host only: no redirects, a timeout and a size cap."""
+    host = parsed.hostname or ""
+    netloc = f"{host}:{parsed.port}" if parsed.port else host
+    if host not in policy.http_hosts and netloc not in policy.http_hosts:
+        raise InvalidImage(f"image_uri host {netloc!r} is not in images.http_hosts")
+    opener = urllib.request.build_opener(_NoRedirects)
+    try:
+        with opener.open(urllib.request.Request(uri, headers={"Accept": "image/*"}), timeout=policy.timeout_s) as r:
+            data = r.read(policy.max_bytes + 1)
+    except InvalidImage:
+        raise
+    except urllib.error.HTTPError as e:
+        raise InvalidImage(f"image_uri {uri!r} answered {e.code}") from e
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise InvalidImage(f"cannot fetch image_uri {uri!r}: {e}") from e
+    if len(data) > policy.max_bytes:
+        raise InvalidImage(f"image_uri {uri!r} is larger than {policy.max_bytes} bytes")
+    return data

@@ -12,14 +12,13 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from indexer.events import Event
-from indexer.images import InvalidImage, decode_image, read_image_uri
+from indexer.images import InvalidImage, UriPolicy, decode_image, read_image_uri
 from plugins.manager import Models
 from plugins.models import Detection
 
@@ -61,11 +60,11 @@ Outcome = Upsert | Delete | Rejected
 
 
 class Pipeline:
-    def __init__(self, models: Models, *, batch_size: int, max_pixels: int, file_roots: tuple[Path, ...] = ()) -> None:
+    def __init__(self, models: Models, *, batch_size: int, max_pixels: int, uris: UriPolicy | None = None) -> None:
         self.models = models
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.file_roots = file_roots
+        self.uris = uris or UriPolicy()
 
     def process(self, events: list[Event]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(events)
@@ -89,7 +88,7 @@ class Pipeline:
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
     def load_image(self, event: Event) -> Image.Image:
-        data = event.image if event.image is not None else read_image_uri(event.image_uri or "", self.file_roots)
+        data = event.image if event.image is not None else read_image_uri(event.image_uri or "", self.uris)
         return decode_image(data, self.max_pixels)
 
     def analyse(

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 from kafka import KafkaConsumer
 
-from consumers.indexing import REASON_HEADER, SOURCE_HEADER
+from consumers.indexing import DROPPED_HEADER, REASON_HEADER, SOURCE_HEADER
 from indexer.api import create_app
 from indexer.events import Event, encode_event
 from indexer.node import Node
@@ -83,52 +83,128 @@ async def _records(client, n):
     return (await stats(client))["records"]["products"] == n
 
 
-async def test_bad_events_go_to_the_dead_letter_topic_and_the_good_ones_around_them_are_indexed(
-    client, topics, producer
-):
-    names = topics.kafka.topics
-    good = lambda i: encode_event(product(i))  # noqa: E731
-    bad = {
-        b"bad-msgpack": b"\xc1\xc1",
-        b"bad-map": msgpack.packb([1, 2, 3]),
-        b"bad-version": msgpack.packb({"v": 9, "type": "product.upsert", "id": "x", "ts": 1, "image": b""}),
-        b"bad-image": encode_event(Event("product.upsert", "x", 1, image=b"GIF89a nonsense")),
-        b"bad-topic": encode_event(Event("post.upsert", "x", 1, image=encoded(product_image(1)))),
-    }
-    for i in range(3):
-        producer.send(names.products, key=f"p{i}".encode(), value=good(i))
-    for key, value in bad.items():
-        producer.send(names.products, key=key, value=value, headers=[("trace", b"t-1")])
-    for i in range(3, 6):
-        producer.send(names.products, key=f"p{i}".encode(), value=good(i))
-    producer.flush()
+def _saved(image, fmt: str, **kwargs) -> bytes:
+    import io
 
-    await eventually(lambda: _records(client, 6))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _upsert(record_id: str, **fields) -> bytes:
+    body = {"v": 1, "type": "product.upsert", "id": record_id, "ts": 1, "attrs": {"category": "top"}, **fields}
+    return msgpack.packb({k: v for k, v in body.items() if v is not ...}, use_bin_type=True)
+
+
+def bad_inputs(tmp_path) -> dict[str, tuple[bytes, str]]:
+    """What docs/reliability.md lists: key -> (message value, expected reason)."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return {
+        "not-msgpack": (b"\xc1\xc1", "not msgpack"),
+        "not-a-map": (msgpack.packb([1, 2, 3]), "must be a msgpack map"),
+        "missing-id": (_upsert("x", id=...), "missing field 'id'"),
+        "wrong-type-ts": (_upsert("x", ts="yesterday"), "field 'ts' must be int"),
+        "unknown-v": (_upsert("x", v=9), "unknown envelope version"),
+        "unknown-type": (_upsert("x", type="product.move"), "unknown type"),
+        "no-image": (_upsert("x"), "needs 'image' or 'image_uri'"),
+        "empty-image": (_upsert("x", image=b""), "empty image"),
+        "truncated-image": (_upsert("x", image=encoded(product_image(1))[:400]), "corrupt image"),
+        "corrupt-image": (_upsert("x", image=b"\xff\xd8\xff" + b"\x00" * 500), "not a JPEG, PNG or WebP"),
+        "gif-image": (_upsert("x", image=_saved(Image.new("RGB", (8, 8)), "GIF")), "not a JPEG, PNG or WebP"),
+        "bomb": (_upsert("x", image=_saved(Image.new("L", (9000, 9000)), "PNG")), "over the limit"),
+        "etc-passwd": (_upsert("x", image_uri="file:///etc/passwd"), "outside the configured file roots"),
+        "traversal": (
+            _upsert("x", image_uri=f"{(tmp_path / 'images').as_uri()}/../../../etc/passwd"),
+            "outside the configured file roots",
+        ),
+        "ssrf": (_upsert("x", image_uri="http://169.254.169.254/latest/meta-data"), "not in images.http_hosts"),
+        "absurd-id": (_upsert("x" * 5000), "id must be 1-256 printable characters"),
+        "control-id": (_upsert("a\x00b"), "id must be 1-256 printable characters"),
+        "absurd-attrs": (_upsert("x", attrs={"a": [[[[[[["deep"]]]]]]]}), "nested deeper"),
+        "binary-attrs": (_upsert("x", attrs={"blob": b"\x00"}), "must be a JSON value"),
+        "wrong-topic": (
+            encode_event(Event("post.upsert", "x", 1, image=encoded(product_image(1)))),
+            "does not belong on topic",
+        ),
+        "oversized": (_upsert("x", image=b"\x00" * 300_000), "over the 200000 byte limit"),
+    }
+
+
+def odd_but_valid_images() -> dict[str, bytes]:
+    import numpy as np
+    from PIL import Image
+
+    return {
+        "cmyk": _saved(Image.new("CMYK", (40, 30), (0, 255, 0, 0)), "JPEG"),
+        "16-bit": _saved(Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)), "PNG"),
+        "alpha": _saved(Image.new("RGBA", (40, 30), (255, 0, 0, 128)), "PNG"),
+        "palette": _saved(product_image(7, (40, 30)).convert("P"), "PNG"),
+        "animated": _saved(
+            product_image(8, (40, 30)), "PNG", save_all=True, append_images=[product_image(9, (40, 30))]
+        ),
+        "webp": _saved(product_image(10, (40, 30)), "WEBP"),
+    }
+
+
+async def test_bad_events_go_to_the_dead_letter_topic_and_the_good_ones_around_them_are_indexed(
+    aiohttp_client, kafka_settings, default_models, tmp_path
+):
+    from kafka import KafkaProducer
+
+    from indexer.topics import ensure_topics
+
+    settings = kafka_settings.model_copy(
+        update={
+            "kafka": kafka_settings.kafka.model_copy(update={"max_message_bytes": 200_000}),
+            "images": kafka_settings.images.model_copy(
+                update={"file_roots": (tmp_path / "images",), "max_pixels": 40_000_000}
+            ),
+        }
+    )
+    ensure_topics(settings.kafka)
+    client = await aiohttp_client(create_app(Node.create(settings, default_models)))
+    names = settings.kafka.topics
+    bad = bad_inputs(tmp_path)
+    odd = odd_but_valid_images()
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=1_000_000)
+    for i in range(3):
+        producer.send(names.products, key=f"p{i}".encode(), value=encode_event(product(i)))
+    for key, (value, _) in bad.items():
+        producer.send(names.products, key=key.encode(), value=value, headers=[("trace", b"t-1")])
+    for name, image in odd.items():
+        producer.send(names.products, key=name.encode(), value=_upsert(name, image=image))
+    for i in range(3, 6):
+        producer.send(names.products, key=f"p{i}".encode(), value=encode_event(product(i)))
+    producer.flush()
+    producer.close()
+
+    await eventually(lambda: _records(client, 6 + len(odd)), timeout=60)
     body = await stats(client)
-    assert body["ingest"]["rejected"] == 5 and body["ingest"]["consumed"] == 11
+    assert body["ingest"]["rejected"] == len(bad) and body["ingest"]["consumed"] == 6 + len(bad) + len(odd)
 
     consumer = KafkaConsumer(
         names.dead_letter,
-        bootstrap_servers=topics.kafka.bootstrap_servers,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
         auto_offset_reset="earliest",
         consumer_timeout_ms=10_000,
+        max_partition_fetch_bytes=2_000_000,
     )
     letters = {}
     for message in consumer:
-        letters[message.key] = (message.value, dict(message.headers))
+        letters[message.key.decode()] = (message.value, dict(message.headers))
         if len(letters) == len(bad):
             break
     consumer.close()
     assert set(letters) == set(bad)
     for key, (value, headers) in letters.items():
-        assert value == bad[key] and headers["trace"] == b"t-1"
-        assert headers[SOURCE_HEADER].startswith(names.products.encode())
-    reasons = {key: headers[REASON_HEADER].decode() for key, (_, headers) in letters.items()}
-    assert "not msgpack" in reasons[b"bad-msgpack"]
-    assert "must be a msgpack map" in reasons[b"bad-map"]
-    assert "unknown envelope version" in reasons[b"bad-version"]
-    assert "not a JPEG, PNG or WebP" in reasons[b"bad-image"]
-    assert "does not belong on topic" in reasons[b"bad-topic"]
+        assert headers["trace"] == b"t-1" and headers[SOURCE_HEADER].startswith(names.products.encode())
+        assert bad[key][1] in headers[REASON_HEADER].decode(), (key, headers[REASON_HEADER])
+        if key == "oversized":
+            assert value is None and int(headers[DROPPED_HEADER]) > 200_000
+        else:
+            assert value == bad[key][0]
 
 
 async def test_posts_are_indexed_in_their_own_collection(client, topics, producer):

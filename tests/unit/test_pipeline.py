@@ -1,13 +1,14 @@
 import pytest
 
 from indexer.events import Event
+from indexer.images import UriPolicy
 from indexer.pipeline import Delete, Pipeline, Rejected, Upsert, crop
 from tests.imagegen import encoded, product_image
 
 
 @pytest.fixture
 def pipeline(default_models, tmp_path):
-    return Pipeline(default_models, batch_size=2, max_pixels=10_000_000, file_roots=(tmp_path,))
+    return Pipeline(default_models, batch_size=2, max_pixels=10_000_000, uris=UriPolicy((tmp_path,)))
 
 
 def test_outcomes_line_up_with_events_and_bad_images_are_rejected(pipeline, tmp_path):
