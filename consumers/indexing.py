@@ -26,7 +26,9 @@ checkpointer (tests of the API alone) offsets are committed after each batch.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
@@ -106,6 +108,7 @@ class IndexingConsumer:
         #: (topic, partition) -> messages not yet applied, replaced whole after each poll
         self.lag: dict[tuple[str, int], int] = {}
         self._stop = threading.Event()
+        self._checkpoint_requests: queue.SimpleQueue[Future] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -161,6 +164,7 @@ class IndexingConsumer:
                             self._commit(consumer, self._last_offsets(records))
                     self.shards.maintain()
                     self._checkpoint_on_schedule(consumer)
+                    self._answer_checkpoint_requests(consumer)
                 except Exception as e:
                     log.exception("batch failed; retrying from the last applied offsets")
                     self.stats.record_error(f"{type(e).__name__}: {e}")
@@ -171,6 +175,21 @@ class IndexingConsumer:
         finally:
             consumer.close(autocommit=False)
             producer.close(timeout=5)
+
+    def request_checkpoint(self) -> Future:
+        """Ask the consumer thread for a checkpoint of the current moment (the admin snapshot route)."""
+        future: Future = Future()
+        self._checkpoint_requests.put(future)
+        return future
+
+    def _answer_checkpoint_requests(self, consumer: KafkaConsumer) -> None:
+        while not self._checkpoint_requests.empty():
+            future = self._checkpoint_requests.get()
+            try:
+                self.checkpoint_and_commit(consumer)
+                future.set_result(self.checkpointer.last if self.checkpointer else None)
+            except Exception as e:  # the caller gets the error; the loop goes on
+                future.set_exception(e)
 
     def _lag(self, consumer: KafkaConsumer) -> dict[tuple[str, int], int]:
         """Messages between what is applied and the high watermark the last fetch reported."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from indexer import openapi
+from indexer import admin_api, openapi
 from indexer.config import Settings
 from indexer.events import COLLECTIONS
 from indexer.metrics import CONTENT_TYPE, Metrics
@@ -119,7 +119,9 @@ def create_app(
     ``reload_settings`` (the CLI passes one that re-reads the config file) is
     called on SIGHUP: new model settings start a new generation.
     """
-    app = web.Application(client_max_size=node.settings.api.max_request_bytes, middlewares=[json_errors])
+    app = web.Application(
+        client_max_size=node.settings.api.max_request_bytes, middlewares=[json_errors, admin_api.require_token]
+    )
     app[NODE] = node
     app[METRICS] = Metrics(node)
     app[CONSUMING] = consume
@@ -134,6 +136,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_document)
+    admin_api.add_routes(app)
     if consume:
         app.cleanup_ctx.append(_ingest)
     if reload_settings is not None:

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 LOCAL_BROKER_PORT = 19092
 
@@ -72,6 +72,8 @@ class ApiSettings(BaseModel):
     default_k: int = Field(10, ge=1)
     #: /readyz answers 503 while any partition is more than this many messages behind
     ready_max_lag: int = Field(1000, ge=0)
+    #: Bearer token for /admin/* (snapshot, rebuild, swap); unset disables them. Never logged or shown.
+    admin_token: SecretStr | None = None
 
 
 class ImageSettings(BaseModel):

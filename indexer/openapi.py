@@ -24,7 +24,10 @@ def _json(schema: Schema, description: str) -> Schema:
 def _errors(*codes: int) -> dict[str, Schema]:
     text = {
         400: "bad parameters or image",
+        401: "no or wrong bearer token",
+        403: "admin routes are disabled",
         404: "not found",
+        409: "not possible now",
         413: "request too large",
         415: "unsupported content type",
         503: "not ready",
@@ -247,6 +250,38 @@ def document(settings: Settings) -> Schema:
                 "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}},
             }
         },
+        "/admin/snapshot": {
+            "post": {
+                "summary": "Write a checkpoint now",
+                "security": [{"admin": []}],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["checkpoint", "seq", "offsets"]}, "written"),
+                    **_errors(401, 403, 409),
+                },
+            }
+        },
+        "/admin/rebuild": {
+            "post": {
+                "summary": "Rebuild every shard in the background",
+                "security": [{"admin": []}],
+                "responses": {
+                    "202": _json({"type": "object", "required": ["scheduled"]}, "scheduled"),
+                    **_errors(401, 403),
+                },
+            }
+        },
+        "/admin/swap": {
+            "post": {
+                "summary": "Start a model generation; it takes over once caught up",
+                "security": [{"admin": []}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {
+                    "200": _json({"type": "object"}, "already active or building"),
+                    "202": _json({"type": "object", "required": ["generation", "state"]}, "started"),
+                    **_errors(400, 401, 403),
+                },
+            }
+        },
         "/stats": {
             "get": {
                 "summary": "Shards, generations, ingest counters and offsets",
@@ -279,5 +314,5 @@ def document(settings: Settings) -> Schema:
         "openapi": "3.1.0",
         "info": {"title": "lookstream", "version": "1", "description": "Visual search over live fashion indexes."},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}},
     }

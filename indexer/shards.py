@@ -303,6 +303,19 @@ class ShardSet:
             self._publish(seq)
             self._schedule_rebuilds(seq)
 
+    def rebuild_all(self) -> int:
+        """Schedule a rebuild of every shard that is not being rebuilt (admin); return how many."""
+        with self._write_lock:
+            scheduled = 0
+            for key, shard in self._shards.items():
+                if shard.building is None and shard.state.live:
+                    log.info("rebuilding shard %s/%s on request", *key)
+                    shard.building = self._builder.submit(
+                        build_from_state, shard.state, self.view.seq, self.policy, self.backend
+                    )
+                    scheduled += 1
+            return scheduled
+
     def maintain(self) -> None:
         """Swap in finished rebuilds even when no events arrive (the consumer calls this when idle)."""
         with self._write_lock:

@@ -1,5 +1,7 @@
 """The HTTP API on a real aiohttp server, over a node with real models and shards (no Kafka)."""
 
+import json
+
 import aiohttp
 import numpy as np
 import pytest
@@ -192,3 +194,49 @@ async def test_search_command_prints_a_table(aiohttp_server, node, tmp_path):
     assert "whole image" in result.output and result.output.rstrip().splitlines()[-1].startswith("timings (ms)")
     bad = await asyncio.get_running_loop().run_in_executor(None, CliRunner().invoke, main, [*args, "-k", "500"])
     assert bad.exit_code != 0 and "400: k must be between 1 and 20" in bad.output
+
+
+TOKEN = "s3cret-token-value"
+
+
+@pytest.fixture
+async def admin_client(aiohttp_client, node):
+    from pydantic import SecretStr
+
+    settings = node.settings.model_copy(
+        update={"api": node.settings.api.model_copy(update={"admin_token": SecretStr(TOKEN)})}
+    )
+    node.settings = settings
+    return await aiohttp_client(create_app(node, consume=False))
+
+
+@pytest.mark.parametrize("route", ["/admin/snapshot", "/admin/rebuild", "/admin/swap"])
+async def test_admin_routes_need_the_token(admin_client, route):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        response = await admin_client.post(route, headers=headers, json={})
+        assert response.status == 401 and "Bearer" in response.headers["WWW-Authenticate"]
+
+
+async def test_admin_routes_are_off_without_a_token(client):
+    response = await client.post("/admin/rebuild", headers={"Authorization": "Bearer anything"})
+    assert response.status == 403 and "set api.admin_token" in (await response.json())["error"]
+
+
+async def test_admin_rebuild_swap_and_snapshot(admin_client, node, tiny_clip, caplog):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    response = await admin_client.post("/admin/rebuild", headers=auth)
+    assert response.status == 202 and (await response.json())["scheduled"] == 3
+    node.shards.wait_for_rebuilds(timeout=60)
+    assert node.shards.rebuilds == 3 and (await search(admin_client, 2))["hits"][0]["id"] == "p2"
+
+    response = await admin_client.post("/admin/snapshot", headers=auth)
+    assert response.status == 409  # no consumer runs in this app
+
+    bad = await admin_client.post("/admin/swap", headers=auth, json={"encoder": "nope"})
+    assert bad.status == 400 and "no encoder named 'nope'" in (await bad.json())["error"]
+    swap = {"encoder": "clip-vision", "options": {"clip-vision": {"name_or_path": str(tiny_clip)}}}
+    response = await admin_client.post("/admin/swap", headers=auth, json=swap)
+    assert response.status == 202 and node.building is not None
+    stats = await (await admin_client.get("/stats")).json()
+    assert [g["state"] for g in stats["generations"]] == ["active", "catching-up"]
+    assert TOKEN not in json.dumps(stats) and TOKEN not in caplog.text and TOKEN not in repr(node.settings)

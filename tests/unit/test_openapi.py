@@ -26,6 +26,9 @@ REQUESTS = [
     ("get", "/openapi.json", {}, "/openapi.json"),
     ("get", "/recent?limit=3", {}, "/recent"),
     ("get", "/recent?limit=0", {}, "/recent"),
+    ("post", "/admin/rebuild", {}, "/admin/rebuild"),
+    ("post", "/admin/snapshot", {}, "/admin/snapshot"),
+    ("post", "/admin/swap", {"json": {}}, "/admin/swap"),
 ]
 
 
