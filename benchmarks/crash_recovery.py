@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,23 +45,16 @@ def free_port() -> int:
 
 
 def install_example(target: Path) -> Path:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    """pip-install examples/lookstream-colour-histogram into ``target`` (for PYTHONPATH).
+
+    Its encoder is cheap, so thousands of events stream through a real node
+    fast; it is found through its entry point like any plugin. Built from a
+    copy, so setuptools leaves no build/ folder in the source tree.
+    """
+    source = target.parent / f"{target.name}-src"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
     return target
 
 

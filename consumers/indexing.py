@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from indexer.checkpoint import Checkpointer
@@ -107,6 +108,8 @@ class IndexingConsumer:
         self.assigned = threading.Event()
         #: (topic, partition) -> messages not yet applied, replaced whole after each poll
         self.lag: dict[tuple[str, int], int] = {}
+        #: seconds since the last heartbeat to the group coordinator: grows while the broker is away
+        self.heartbeat_age_s: float | None = None
         self._stop = threading.Event()
         self._checkpoint_requests: queue.SimpleQueue[Future] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -153,6 +156,7 @@ class IndexingConsumer:
         try:
             while not stop.is_set():
                 batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
+                self.heartbeat_age_s = _heartbeat_age(consumer)
                 if consumer.assignment():
                     self.assigned.set()
                     self.lag = self._lag(consumer)
@@ -232,10 +236,20 @@ class IndexingConsumer:
 
     @staticmethod
     def _commit(consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """Commit what a durable checkpoint holds; a failure only delays the group's view of progress.
+
+        The node resumes from its checkpoint, not from these offsets, so a
+        broker that is away when a commit is due loses nothing: the next
+        checkpoint's commit carries the same offsets or later ones.
+        """
         owned = consumer.assignment()
         mine = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items() if tp in owned}
-        if mine:
+        if not mine:
+            return
+        try:
             consumer.commit(mine)
+        except KafkaError as e:
+            log.warning("committing offsets failed (%s); the checkpoint holds them, the next commit retries", e)
 
     def _index(self, records: list[ConsumerRecord], producer: KafkaProducer) -> None:
         dead: list[DeadLetter] = []
@@ -326,3 +340,12 @@ class IndexingConsumer:
 def _partition(name: str) -> TopicPartition:
     topic, _, partition = name.rpartition("/")
     return TopicPartition(topic, int(partition))
+
+
+def _heartbeat_age(consumer: KafkaConsumer) -> float | None:
+    """kafka-python's 'last-heartbeat-seconds-ago' metric, or None before the first heartbeat."""
+    for name, metric in (consumer.metrics(raw=True) or {}).items():
+        if name.name == "last-heartbeat-seconds-ago":
+            value = metric.value()
+            return value if value < 1e9 else None  # before any heartbeat it counts from the epoch
+    return None

@@ -76,7 +76,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready once the consumer has its partitions and is within ``api.ready_max_lag`` of them.
+    """Ready once the consumer has its partitions, hears from the broker, and is within ``api.ready_max_lag``.
 
     The checkpoint is restored before the app exists, so a node that answers
     here has its shards. Without consumers (``consume=False``) it is ready at once.
@@ -87,6 +87,8 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[CONSUMING]:
         if consumer is None or not consumer.assigned.is_set():
             reasons.append("the consumer has no partitions yet")
+        elif (consumer.heartbeat_age_s or 0) * 1000 > node.settings.kafka.session_timeout_ms:
+            reasons.append(f"no heartbeat to the Kafka group for {consumer.heartbeat_age_s:.0f} s: broker unreachable?")
         elif consumer.lag and max(consumer.lag.values()) > node.settings.api.ready_max_lag:
             reasons.append(f"consumer lag {max(consumer.lag.values())} is above {node.settings.api.ready_max_lag}")
     if reasons:

@@ -65,6 +65,11 @@ def identity(models: Models, selection: ModelSettings) -> dict[str, Any]:
     }
 
 
+def same_models(a: ModelSettings, b: ModelSettings) -> bool:
+    """Whether two selections give the same vectors and categories (device or batch size do not)."""
+    return (a.detector, a.encoder, a.classifier, a.options) == (b.detector, b.encoder, b.classifier, b.options)
+
+
 def generation_id(ident: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return re.sub(r"[^a-zA-Z0-9_.-]+", "-", f"{ident['encoder']}-{digest}")

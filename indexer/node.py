@@ -1,9 +1,10 @@
-"""A lookstream node: the models, the shards and the consumer that feeds them.
+"""A lookstream node: the active model generation, and a new one while it catches up.
 
 ``Node`` is built once from the settings and shared by the HTTP app (which
-searches) and the consumer thread (which indexes). Queries and indexing both
-call the same :class:`~indexer.pipeline.Pipeline`, so a query image is
-processed exactly as an indexed one.
+searches) and the consumer threads (which index). A query takes the active
+generation once and uses its pipeline and shards throughout, so a query image
+is processed exactly as the indexed ones it is compared with, even across a
+flip to a new generation (indexer/generations.py).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Node:
         """
         with self._switch_lock:
             for generation in self.generations():
-                if generation.selection == selection:
+                if generations.same_models(generation.selection, selection):
                     return None
             models = generations.load(self.settings, selection)
             new = Generation.create(self.settings, models, selection, durable=self.active.checkpointer is not None)
@@ -231,7 +232,7 @@ def build_node(settings: Settings, *, durable: bool = True) -> Node:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     recorded_path = settings.data_dir / ACTIVE_FILE
     recorded = ModelSettings.model_validate_json(recorded_path.read_text()) if recorded_path.exists() else None
-    if recorded is not None and recorded != desired:
+    if recorded is not None and not generations.same_models(recorded, desired):
         previous = Generation.create(settings, generations.load(settings, recorded), recorded, durable=True)
         if previous.has_checkpoint():
             node = Node(settings, previous)

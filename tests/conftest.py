@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from benchmarks.crash_recovery import free_port, install_example
 from indexer.config import Settings
 from plugins.manager import Models, build_plugin_manager, load_models
 from plugins.models import ModelContext
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -63,31 +55,8 @@ def kafka_settings(broker, unique) -> Settings:
 
 @pytest.fixture(scope="session")
 def example_plugin_site(tmp_path_factory) -> Path:
-    """examples/lookstream-colour-histogram installed with pip into a folder for PYTHONPATH.
-
-    Its encoder is cheap, so tests that stream thousands of events through a
-    real node stay fast; it is found through its entry point like any plugin.
-    """
-    target = tmp_path_factory.mktemp("site")
-    example = Path(__file__).parents[1] / "examples" / "lookstream-colour-histogram"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(example),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return target
+    """examples/lookstream-colour-histogram installed with pip into a folder for PYTHONPATH."""
+    return install_example(tmp_path_factory.mktemp("plugins") / "site")
 
 
 @pytest.fixture(scope="session")

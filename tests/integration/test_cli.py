@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import free_port
+from benchmarks.crash_recovery import free_port
 from tests.imagegen import write_catalog
 
 pytestmark = pytest.mark.integration

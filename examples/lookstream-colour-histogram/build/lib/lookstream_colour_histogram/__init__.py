@@ -1,1 +1,0 @@
-"""Example lookstream plugin package: a colour-histogram encoder."""
