@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from indexer.events import COLLECTIONS
 from indexer.images import InvalidImage
@@ -23,6 +24,7 @@ from indexer.segments import ItemMeta
 from indexer.shards import Hit
 
 NODE = web.AppKey("node", Node)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 METRICS = web.AppKey("metrics", object)
 
 
@@ -117,14 +119,10 @@ async def _read_image(request: web.Request) -> bytes:
     if content_type.startswith("image/"):
         data = await request.read()
     elif content_type == "multipart/form-data":
-        data = b""
-        reader = await request.multipart()
-        async for part in reader:
-            if getattr(part, "name", None) == "image":
-                data = await part.read()
-                break
-        else:
-            raise error(web.HTTPBadRequest, "multipart body has no field named 'image'")
+        try:
+            data = await _image_field(request)
+        except (HttpProcessingError, ValueError, AssertionError) as e:  # aiohttp's parser on a broken body
+            raise error(web.HTTPBadRequest, f"malformed multipart body: {e}") from e
     else:
         raise error(
             web.HTTPUnsupportedMediaType,
@@ -134,6 +132,14 @@ async def _read_image(request: web.Request) -> bytes:
     if not data:
         raise error(web.HTTPBadRequest, "the image is empty")
     return data
+
+
+async def _image_field(request: web.Request) -> bytes:
+    reader = await request.multipart()
+    async for part in reader:
+        if getattr(part, "name", None) == "image":
+            return await part.read()
+    raise error(web.HTTPBadRequest, "multipart body has no field named 'image'")
 
 
 async def search(request: web.Request) -> web.Response:
@@ -183,9 +189,12 @@ async def search_vector(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, "the body must be an object with a 'vector' list of numbers")
     query = Query.parse(body, node)
     try:
-        vector = np.asarray(body["vector"], dtype=np.float32)
+        vector = np.asarray(body["vector"], dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise error(web.HTTPBadRequest, "vector must be a list of numbers") from e
+    if vector.ndim != 1 or not np.all(np.isfinite(vector)) or np.abs(vector).max(initial=0) > FLOAT32_MAX:
+        raise error(web.HTTPBadRequest, "vector must be a flat list of finite float32 numbers")
+    vector = vector.astype(np.float32)
     loop = asyncio.get_running_loop()
     try:
         hits = await loop.run_in_executor(
