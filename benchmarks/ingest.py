@@ -1,0 +1,143 @@
+"""Ingest efficiency and freshness of one node on this machine.
+
+    python -m benchmarks.ingest --output benchmarks/results/ingest.json
+
+* bare: the configured models alone (decode, detect, encode in batches of
+  ``models.batch_size``) on the same images, images/s.
+* end to end: N events published up front through the local broker; events/s
+  from the first to the last one searchable. Efficiency = end to end / bare.
+* freshness: events published at 50% and 90% of the measured end-to-end rate
+  for --seconds each; per event, producer timestamp -> searchable (the node's
+  own freshness measure, the /metrics histogram), p50 and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.crash_recovery import free_port
+from indexer.broker import LocalBroker
+from indexer.config import Settings
+from indexer.events import Event, encode_event, now_ms
+from indexer.images import decode_image
+from indexer.node import build_node
+from indexer.topics import ensure_topics
+from producers.publisher import make_producer
+from tests.imagegen import encoded, product_image
+
+
+def images(n: int) -> list[bytes]:
+    return [encoded(product_image(i, (320, 400))) for i in range(n)]
+
+
+def bare_rate(node, data: list[bytes]) -> float:
+    pipeline = node.pipeline
+    batch = node.settings.models.batch_size
+    pipeline.analyse([decode_image(d, 10**8) for d in data[:batch]], [{}] * batch)  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(data), batch):
+        chunk = [decode_image(d, 10**8) for d in data[i : i + batch]]
+        pipeline.analyse(chunk, [{}] * len(chunk))
+    return len(data) / (time.perf_counter() - started)
+
+
+def wait_consumed(node, total: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while node.stats.counters()["consumed"] < total:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {node.stats.counters()['consumed']} of {total} consumed")
+        time.sleep(0.02)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=512)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    data = images(256)
+    freshness: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="lookstream-ingest-") as tmp, LocalBroker(free_port()) as broker:
+        settings = Settings.model_validate(
+            {"data_dir": tmp, "kafka": {"bootstrap_servers": broker.bootstrap_servers, "partitions": 1}}
+        )
+        ensure_topics(settings.kafka)
+        node = build_node(settings, durable=True)
+        bare = bare_rate(node, data)
+        print(f"bare models: {bare:.1f} images/s", flush=True)
+        node.observe_freshness(freshness.append)
+        node.start_ingest()
+        while not node.active.consumer.assigned.is_set():
+            time.sleep(0.05)
+        producer = make_producer(settings.kafka)
+        topic = settings.kafka.topics.products
+
+        def send(i: int) -> None:
+            event = Event("product.upsert", f"p{i}", now_ms(), image=data[i % len(data)], attrs={"category": "top"})
+            producer.send(topic, key=event.id.encode(), value=encode_event(event))
+
+        started = time.perf_counter()
+        for i in range(args.events):
+            send(i)
+        producer.flush()
+        wait_consumed(node, args.events)
+        end_to_end = args.events / (time.perf_counter() - started)
+        print(f"end to end: {end_to_end:.1f} events/s, efficiency {end_to_end / bare:.2f}", flush=True)
+
+        sent = args.events
+        loads = []
+        for share in (0.5, 0.9):
+            rate = share * end_to_end
+            freshness.clear()
+            before = node.stats.counters()["consumed"]
+            count = int(rate * args.seconds)
+            begin = time.perf_counter()
+            for j in range(count):
+                target = begin + j / rate
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                send(sent + j)
+            producer.flush()
+            sent += count
+            wait_consumed(node, before + count)
+            ms = np.asarray(freshness) * 1000
+            loads.append(
+                {
+                    "share_of_capacity": share,
+                    "events_per_s": round(rate, 1),
+                    "events": count,
+                    "freshness_p50_ms": round(float(np.percentile(ms, 50)), 1),
+                    "freshness_p99_ms": round(float(np.percentile(ms, 99)), 1),
+                }
+            )
+            print(loads[-1], flush=True)
+        producer.close()
+        node.stop_ingest()
+        node.close()
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "models": {
+            "encoder": settings.models.encoder,
+            "detector": settings.models.detector,
+            "batch_size": settings.models.batch_size,
+        },
+        "bare_images_per_s": round(bare, 1),
+        "end_to_end_events_per_s": round(end_to_end, 1),
+        "efficiency": round(end_to_end / bare, 3),
+        "freshness": loads,
+    }
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
