@@ -52,14 +52,15 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
 async def stats(request: web.Request) -> web.Response:
     node = request.app[NODE]
     active, building = node.active, node.building
+    described = active.describe()
     return web.json_response(
         {
-            "models": active.describe(),
+            "models": described,
             "backend": active.shards.backend,
             "records": {c: active.shards.records(c) for c in COLLECTIONS},
             "shards": active.shards.sizes(),
             "ingest": active.stats.snapshot(),
-            "consumer": active.describe()["consumer"],
+            "consumer": described["consumer"],
             # Both generations while a new one catches up (docs/architecture.md, "Generations").
             "generations": [
                 {**g.describe(), "state": state, "ingest": g.stats.snapshot()}

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -193,9 +192,6 @@ class Node:
         if not np.isfinite(norm) or norm == 0:
             raise ValueError("vector must be finite and not all zeros")
         return shards.search((vector / norm).astype(np.float32), k, collection, category, accept)
-
-    def describe(self) -> dict[str, Any]:
-        return self.active.describe()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
