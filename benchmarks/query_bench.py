@@ -6,6 +6,7 @@ The node's shards are filled through ShardSet.apply (sealed into HNSW by the
 background builder), then 1,000 vector queries go one at a time through a real
 aiohttp server (JSON encode, HTTP, executor hop, lock-free search, merge) and
 the same queries through ``index.search`` on the sealed FAISS index directly.
+The HTTP client runs in another process, one request at a time.
 Reported: p50/p99 of both and their ratio (goal: HTTP <= 1.5x raw at p50),
 and the same while a writer thread keeps upserting (concurrent ingest).
 """
@@ -17,12 +18,12 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 from aiohttp import web
 
@@ -40,17 +41,36 @@ def percentiles(samples: list[float]) -> dict:
     return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3)}
 
 
-async def http_latencies(port: int, queries: np.ndarray) -> list[float]:
+CLIENT = """
+import asyncio, json, sys, time
+import aiohttp
+
+async def main(port, path):
+    queries = json.load(open(path))
     times = []
     async with aiohttp.ClientSession() as session:
         for q in queries:
-            body = {"vector": q.tolist(), "k": 10}
             started = time.perf_counter()
-            async with session.post(f"http://127.0.0.1:{port}/search/vector", json=body) as response:
-                assert response.status == 200, await response.text()
-                await response.read()
+            async with session.post(f"http://127.0.0.1:{port}/search/vector", json={"vector": q, "k": 10}) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
             times.append(time.perf_counter() - started)
-    return times
+    print(json.dumps(times))
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+async def http_latencies(port: int, queries: np.ndarray, tmp: str) -> list[float]:
+    """Latencies seen by a client in another process, so that it does not share the server's event loop."""
+    path = Path(tmp) / "queries.json"
+    path.write_text(json.dumps(queries.tolist()))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, str(port), str(path), stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await process.communicate()
+    assert process.returncode == 0
+    return json.loads(stdout)
 
 
 def raw_latencies(index, params, queries: np.ndarray) -> list[float]:
@@ -78,9 +98,9 @@ async def run(n: int, dim: int, queries: int) -> dict:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         sealed = shards.view.shards[("products", "top")].sealed
-        await http_latencies(port, qs[:50])  # warm-up
+        await http_latencies(port, qs[:50], tmp)  # warm-up
         raw_latencies(sealed.index, sealed.search_params, qs[:50])
-        steady_http = await http_latencies(port, qs)
+        steady_http = await http_latencies(port, qs, tmp)
         steady_raw = raw_latencies(sealed.index, sealed.search_params, qs)
 
         stop = threading.Event()
@@ -94,7 +114,7 @@ async def run(n: int, dim: int, queries: int) -> dict:
 
         thread = threading.Thread(target=writer)
         thread.start()
-        ingest_http = await http_latencies(port, qs)
+        ingest_http = await http_latencies(port, qs, tmp)
         stop.set()
         thread.join()
         await runner.cleanup()
