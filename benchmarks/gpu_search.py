@@ -20,15 +20,10 @@ import faiss
 import numpy as np
 import torch
 
-from benchmarks.shards_bench import clustered, insert, settle
+from benchmarks.shards_bench import clustered, insert, percentiles, settle
 from indexer import gpu
 from indexer.segments import IndexPolicy
 from indexer.shards import ShardSet
-
-
-def percentiles(samples: list[float]) -> dict:
-    a = np.asarray(samples) * 1000
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3)}
 
 
 def run(n: int, dim: int, queries: int) -> dict:

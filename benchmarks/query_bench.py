@@ -27,19 +27,13 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from benchmarks.shards_bench import clustered, insert, settle
+from benchmarks.shards_bench import clustered, insert, percentiles, settle
 from indexer import generations
 from indexer.api import create_app
 from indexer.config import Settings
 from indexer.node import Node
 from indexer.segments import IndexPolicy
 from indexer.shards import ShardSet
-
-
-def percentiles(samples: list[float]) -> dict:
-    a = np.asarray(samples) * 1000
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3)}
-
 
 CLIENT = """
 import asyncio, json, sys, time

@@ -55,6 +55,12 @@ def settle(shards: ShardSet) -> None:
     shards.wait_for_rebuilds()
 
 
+def percentiles(samples: list[float]) -> dict:
+    """p50 and p99 in milliseconds of durations in seconds."""
+    a = np.asarray(samples) * 1000
+    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3)}
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -11,7 +11,8 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+
+from indexer.pipeline import Delete, Upsert
 
 
 class ThumbnailStore:
@@ -40,10 +41,10 @@ class ThumbnailStore:
             self._path(collection, record_id).unlink()
 
 
-def store_thumbnails(store: ThumbnailStore, ops: Iterable[Any]) -> None:
-    """Keep the thumbnails of applied upserts (pipeline.Upsert), drop those of deletes."""
+def store_thumbnails(store: ThumbnailStore, ops: Iterable[Upsert | Delete]) -> None:
+    """Keep the thumbnails of applied upserts, drop those of deletes."""
     for op in ops:
-        if not hasattr(op, "items"):  # a Delete
+        if isinstance(op, Delete):
             store.delete(op.collection, op.record_id)
         elif op.thumbnail is not None:
             store.put(op.collection, op.record_id, op.thumbnail)

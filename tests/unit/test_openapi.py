@@ -3,7 +3,6 @@
 import jsonschema
 import pytest
 
-from indexer.api import create_app
 from tests.imagegen import encoded, product_image
 from tests.unit.test_api import JPEG, client, node  # noqa: F401 -- fixtures
 
@@ -49,7 +48,3 @@ async def test_answers_validate_against_the_document(client, method, url, kwargs
     assert str(response.status) in spec, f"{response.status} is not documented for {method} {path}"
     schema = spec[str(response.status)]["content"]["application/json"]["schema"]
     jsonschema.validate(await response.json(), {**schema, "components": doc["components"]})
-
-
-async def test_create_app_is_documented_by_the_same_settings(node):  # noqa: F811
-    assert create_app(node, consume=False) is not None
