@@ -70,6 +70,9 @@ class ApiSettings(BaseModel):
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_k: int = Field(100, ge=1)
     default_k: int = Field(10, ge=1)
+    #: /search/vector runs on the event loop while recent searches took less than this (ms):
+    #: below it the hop to a worker thread costs more than the search. 0: always a worker thread.
+    inline_search_ms: float = Field(1.0, ge=0)
     #: /readyz answers 503 while any partition is more than this many messages behind
     ready_max_lag: int = Field(1000, ge=0)
     #: Bearer token for /admin/* (snapshot, rebuild, swap); unset disables them. Never logged or shown.

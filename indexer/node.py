@@ -59,6 +59,9 @@ class Node:
         self.building: Generation | None = None
         #: Model inference and FAISS search run here, off the event loop.
         self.executor = ThreadPoolExecutor(2, "lookstream-query")
+        #: Moving average of recent vector search times (seconds): the API runs searches
+        #: faster than ``api.inline_search_ms`` on the event loop instead of the executor.
+        self.vector_search_s = 0.0
         self.thumbnails = ThumbnailStore(settings.data_dir / "thumbnails")
         self._freshness_observer: Callable[[float], None] | None = None
         self._ingesting = False
@@ -191,7 +194,10 @@ class Node:
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(norm) or norm == 0:
             raise ValueError("vector must be finite and not all zeros")
-        return shards.search((vector / norm).astype(np.float32), k, collection, category, accept)
+        started = time.perf_counter()
+        hits = shards.search((vector / norm).astype(np.float32), k, collection, category, accept)
+        self.vector_search_s += 0.1 * (time.perf_counter() - started - self.vector_search_s)
+        return hits
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

@@ -1,7 +1,10 @@
 """Search and item routes: ``POST /search``, ``POST /search/vector``, ``GET /items/{id}`` and its thumbnail.
 
 Parameters are validated here and turned into 400s with a message; the work
-(models, FAISS) runs in the node's executor, off the event loop.
+(models, FAISS) runs in the node's executor, off the event loop, except vector
+searches that have recently been faster than ``api.inline_search_ms``: for
+those the thread hop would cost more than the search (docs/benchmarks.md,
+"Query latency"). JSON is parsed and written with orjson on these hot routes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -26,6 +30,10 @@ from indexer.shards import Hit
 NODE = web.AppKey("node", Node)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 METRICS = web.AppKey("metrics", object)
+
+
+def json_body(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
 
 
 def error(status: type[web.HTTPError], message: str) -> web.HTTPError:
@@ -156,7 +164,7 @@ async def search(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, str(e)) from e
     request.app[METRICS].observe_query(result.timings_ms)
     width, height = result.size
-    return web.json_response(
+    return json_body(
         {
             "collections": list(query.collections),
             "image": {"width": width, "height": height},
@@ -182,8 +190,8 @@ async def search_vector(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise error(web.HTTPUnsupportedMediaType, f"send JSON (application/json), got {request.content_type!r}")
     try:
-        body = await request.json()
-    except ValueError as e:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as e:
         raise error(web.HTTPBadRequest, f"the body is not JSON: {e}") from e
     if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
         raise error(web.HTTPBadRequest, "the body must be an object with a 'vector' list of numbers")
@@ -195,14 +203,15 @@ async def search_vector(request: web.Request) -> web.Response:
     if vector.ndim != 1 or not np.all(np.isfinite(vector)) or np.abs(vector).max(initial=0) > FLOAT32_MAX:
         raise error(web.HTTPBadRequest, "vector must be a flat list of finite float32 numbers")
     vector = vector.astype(np.float32)
-    loop = asyncio.get_running_loop()
+    args = (vector, query.k, query.collections, query.category, query.accept())
     try:
-        hits = await loop.run_in_executor(
-            node.executor, node.search_vector, vector, query.k, query.collections, query.category, query.accept()
-        )
+        if node.vector_search_s * 1000 < node.settings.api.inline_search_ms:
+            hits = node.search_vector(*args)
+        else:
+            hits = await asyncio.get_running_loop().run_in_executor(node.executor, node.search_vector, *args)
     except ValueError as e:
         raise error(web.HTTPBadRequest, str(e)) from e
-    return web.json_response({"hits": [hit_json(h) for h in hits]})
+    return json_body({"hits": [hit_json(h) for h in hits]})
 
 
 def _collection(request: web.Request) -> str:

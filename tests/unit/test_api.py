@@ -1,6 +1,7 @@
 """The HTTP API on a real aiohttp server, over a node with real models and shards (no Kafka)."""
 
 import json
+import threading
 
 import aiohttp
 import numpy as np
@@ -82,11 +83,24 @@ async def test_posts_and_both_collections(client):
     assert {(h["collection"], h["id"]) for h in both["hits"][:2]} == {("products", "p3"), ("posts", "look-1")}
 
 
-async def test_vector_search(client, node):
+@pytest.mark.parametrize(("recent_search_s", "thread"), [(0.0, "MainThread"), (1.0, "lookstream-query")])
+async def test_vector_search_runs_fast_searches_inline_and_slow_ones_in_the_executor(
+    client, node, monkeypatch, recent_search_s, thread
+):
+    threads = []
+    search_vector = node.search_vector
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return search_vector(*args)
+
+    monkeypatch.setattr(node, "search_vector", recording)
+    node.vector_search_s = recent_search_s
     vector = node.pipeline.encode([product_image(5)])[0]
     response = await client.post("/search/vector", json={"vector": (vector * 3).tolist(), "k": 2})
     body = await response.json()
     assert response.status == 200 and body["hits"][0]["id"] == "p5" and len(body["hits"]) == 2
+    assert threads[0].startswith(thread)
 
 
 @pytest.mark.parametrize(
@@ -103,6 +117,11 @@ async def test_vector_search(client, node):
 async def test_vector_search_refuses_bad_bodies(client, payload, message):
     response = await client.post("/search/vector", json=payload)
     assert response.status == 400 and message in (await response.json())["error"]
+
+
+async def test_vector_search_refuses_a_body_that_is_not_json(client):
+    response = await client.post("/search/vector", data=b'{"vector": [1,', headers={"Content-Type": "application/json"})
+    assert response.status == 400 and "not JSON" in (await response.json())["error"]
 
 
 async def test_items_and_thumbnails(client):
