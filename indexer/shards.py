@@ -19,6 +19,11 @@ each search sees one consistent moment of the whole shard set:
   a fresh growing segment. Deleted rows are not copied, so a rebuild reclaims
   their memory.
 
+Item keys come from one counter and only grow, so within a segment they are
+ascending and every growing key is above every sealed one: the writer finds a
+key's row with a binary search, and installs a rebuild with array operations,
+never a Python loop over all rows (which would hold the GIL and stall queries).
+
 So an upsert that moves a record to another category, rewrites it in place, or
 lands while its shard is being rebuilt, is never missing from, nor doubled in,
 any reader's results.
@@ -30,6 +35,8 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import operator
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 
 from indexer import gpu
@@ -105,11 +113,6 @@ class Shard:
         self.backend = backend
         self.sealed = sealed
         self.growing = growing or empty_growing(dim, backend=backend)
-        self._rows: dict[int, tuple[bool, int]] = {}  # item key -> (in sealed?, row)
-        for in_sealed, segment in ((True, sealed), (False, self.growing)):
-            if segment is not None:
-                for row in segment.live_rows(NEVER - 1).tolist():
-                    self._rows[int(segment.keys[row])] = (in_sealed, row)
         self.building: Future | None = None
 
     @property
@@ -126,19 +129,17 @@ class Shard:
             gpu.write(g.gpu, g.count, vectors)
         g.keys[g.count : g.count + n] = keys
         g.metas.extend(metas)
-        self._rows.update((key, (False, row)) for key, row in zip(keys, range(g.count, g.count + n)))
         self.growing = g.with_counts(count=g.count + n)
 
     def remove(self, keys: list[int], seq: int) -> None:
-        dead_sealed = dead_growing = 0
-        for key in keys:
-            in_sealed, row = self._rows.pop(key)
-            if in_sealed:
-                self.sealed.deleted_at[row] = seq
-                dead_sealed += 1
-            else:
-                self.growing.deleted_at[row] = seq
-                dead_growing += 1
+        keys = np.asarray(keys, np.int64)
+        sealed = self.sealed
+        if sealed is None or sealed.count == 0:
+            in_sealed = np.zeros(len(keys), bool)
+        else:  # every growing key is above every sealed one
+            in_sealed = keys <= sealed.keys[sealed.count - 1]
+        dead_sealed = self._mark_deleted(sealed, keys[in_sealed], seq) if in_sealed.any() else 0
+        dead_growing = self._mark_deleted(self.growing, keys[~in_sealed], seq) if not in_sealed.all() else 0
         if dead_sealed:
             self.sealed = self.sealed.with_counts(dead=self.sealed.dead + dead_sealed)
         if dead_growing:
@@ -146,15 +147,21 @@ class Shard:
             if self.growing.dead >= max(_COMPACT_AFTER, self.growing.count // 16):
                 self.growing = self._compacted_growing(capacity=max(256, 2 * self.growing.live))
 
+    @staticmethod
+    def _mark_deleted(segment: Segment, keys: np.ndarray, seq: int) -> int:
+        """Mark the rows of these live keys deleted at ``seq`` (keys are ascending within a segment)."""
+        rows = np.searchsorted(segment.keys[: segment.count], keys)
+        if segment.count == 0 or not np.array_equal(segment.keys[np.minimum(rows, segment.count - 1)], keys):
+            raise KeyError(f"keys not in this segment: {sorted(set(keys.tolist()) - set(segment.keys.tolist()))}")
+        segment.deleted_at[rows] = seq
+        return len(rows)
+
     def _compacted_growing(self, capacity: int) -> Segment:
         """The live rows of the growing segment in new arrays; readers of the old ones are unaffected."""
         g = self.growing
         live = g.live_rows(NEVER - 1)
         metas = [g.metas[r] for r in live.tolist()]
-        fresh = growing_from(g.vectors[live], g.keys[live], metas, capacity, self.backend)
-        for row, key in enumerate(fresh.keys[: fresh.count].tolist()):
-            self._rows[key] = (False, row)
-        return fresh
+        return growing_from(g.vectors[live], g.keys[live], metas, capacity, self.backend)
 
     def needs_rebuild(self, policy: IndexPolicy) -> bool:
         """Seal once the shard is big enough for an index; rebuild when the growing part or the dead rows pile up."""
@@ -166,22 +173,41 @@ class Shard:
         return sealed.dead >= max(policy.rebuild_min_dead, policy.rebuild_dead_fraction * sealed.count)
 
     def install(self, built: Segment, seq: int) -> None:
-        """Swap in a segment built from the rows live at some earlier sequence."""
-        included = set(built.keys[: built.count].tolist())
-        for row, key in enumerate(built.keys[: built.count].tolist()):
-            if key not in self._rows:  # deleted while the build ran
-                built.deleted_at[row] = seq
+        """Swap in a segment built from the rows live at some earlier sequence.
+
+        Runs on the writer thread, so it uses array operations only: a Python
+        loop over every row would hold the GIL long enough to stall queries.
+        Item keys only ever grow, so the built segment holds exactly the keys up
+        to its last one that were live when the build started.
+        """
+        keys = built.keys[: built.count]
+        live_now = np.concatenate([seg.keys[seg.live_rows(NEVER - 1)] for seg in self.state.segments])
+        built.deleted_at[: built.count][~np.isin(keys, live_now, assume_unique=True)] = seq  # deleted meanwhile
         built = built.with_counts(dead=int((built.deleted_at[: built.count] != NEVER).sum()))
         g = self.growing
-        rest = np.asarray([r for r in g.live_rows(NEVER - 1).tolist() if int(g.keys[r]) not in included], np.int64)
-        growing = growing_from(g.vectors[rest], g.keys[rest], [g.metas[r] for r in rest.tolist()], 256, self.backend)
-        self._rows = {
-            key: (True, row)
-            for row, key in enumerate(built.keys[: built.count].tolist())
-            if built.deleted_at[row] == NEVER
-        }
-        self._rows.update((key, (False, row)) for row, key in enumerate(growing.keys[: growing.count].tolist()))
+        rest = g.live_rows(NEVER - 1)
+        if built.count:
+            rest = rest[g.keys[rest] > keys[-1]]  # appended after the build started
+        growing = growing_from(g.vectors[rest], g.keys[rest], _take(g.metas, rest), 256, self.backend)
         self.sealed, self.growing, self.building = built, growing, None
+
+
+def _leave_a_core_for_queries() -> None:
+    """FAISS builds in the builder thread use one OpenMP thread fewer than there are cores.
+
+    OpenMP's thread count is per calling thread, so searches keep every core;
+    a build that took them all would stall the event loop for its duration.
+    """
+    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+
+
+def _take(items: list, rows: np.ndarray) -> list:
+    """``[items[r] for r in rows]`` without a Python-level loop."""
+    if len(rows) == 0:
+        return []
+    if len(rows) == 1:
+        return [items[int(rows[0])]]
+    return list(operator.itemgetter(*rows.tolist())(items))
 
 
 def release_freed_memory() -> None:
@@ -201,7 +227,7 @@ def build_from_state(state: ShardState, seq: int, policy: IndexPolicy, backend: 
         rows = segment.live_rows(seq)
         vectors.append(segment.row_vectors(rows))
         keys.append(segment.keys[rows])
-        metas.extend(segment.metas[r] for r in rows.tolist())
+        metas.extend(_take(segment.metas, rows))
     return build_sealed(np.concatenate(vectors), np.concatenate(keys), metas, policy, backend)
 
 
@@ -222,7 +248,7 @@ class ShardSet:
         self._recent: deque[tuple[str, str]] = deque(maxlen=RECENT)
         self._keys = itertools.count()
         self._write_lock = threading.Lock()
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="lookstream-shard-build")
+        self._builder = ThreadPoolExecutor(1, "lookstream-shard-build", initializer=_leave_a_core_for_queries)
         self.rebuilds = 0
         self.view = View(0, {})
 
