@@ -57,6 +57,8 @@ def run(n: int, dim: int, queries: int) -> dict:
         "dim": dim,
         "load_s": round(load_s, 1),
         "gpu_shard": percentiles(times),
+        "gpu_qps_sequential": round(len(times) / sum(times), 1),
+        "cpu_qps_sequential": round(len(cpu_times) / sum(cpu_times), 1),
         "cpu_faiss_knn": percentiles(cpu_times),
         "top10_agreement_with_cpu": round(float(agree), 4),
         "sealed_rows": state.sealed.count if state.sealed else 0,

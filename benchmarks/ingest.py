@@ -33,6 +33,8 @@ from indexer.topics import ensure_topics
 from producers.publisher import make_producer
 from tests.imagegen import encoded, product_image
 
+PROFILES = {"quick": {"events": 256, "seconds": 30}, "full": {"events": 1024, "seconds": 120}}
+
 
 def images(n: int) -> list[bytes]:
     return [encoded(product_image(i, (320, 400))) for i in range(n)]
@@ -59,12 +61,15 @@ def wait_consumed(node, total: int, timeout: float = 600) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=512)
-    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--profile", choices=PROFILES, default="quick")
+    parser.add_argument("--events", type=int, help="published up front for the end-to-end rate")
+    parser.add_argument("--seconds", type=float, help="of steady load at each share of capacity")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    args.events = args.events or PROFILES[args.profile]["events"]
+    args.seconds = args.seconds or PROFILES[args.profile]["seconds"]
     data = images(256)
-    freshness: list[float] = []
+    freshness: list[tuple[float, float]] = []  # (wall-clock time searchable, seconds since the event)
     with tempfile.TemporaryDirectory(prefix="lookstream-ingest-") as tmp, LocalBroker(free_port()) as broker:
         settings = Settings.model_validate(
             {"data_dir": tmp, "kafka": {"bootstrap_servers": broker.bootstrap_servers, "partitions": 1}}
@@ -73,7 +78,7 @@ def main() -> None:
         node = build_node(settings, durable=True)
         bare = bare_rate(node, data)
         print(f"bare models: {bare:.1f} images/s", flush=True)
-        node.observe_freshness(freshness.append)
+        node.observe_freshness(lambda seconds: freshness.append((time.time(), seconds)))
         node.start_ingest()
         while not node.active.consumer.assigned.is_set():
             time.sleep(0.05)
@@ -97,6 +102,7 @@ def main() -> None:
         for share in (0.5, 0.9):
             rate = share * end_to_end
             freshness.clear()
+            begin_wall = time.time()
             before = node.stats.counters()["consumed"]
             count = int(rate * args.seconds)
             begin = time.perf_counter()
@@ -109,7 +115,7 @@ def main() -> None:
             producer.flush()
             sent += count
             wait_consumed(node, before + count)
-            ms = np.asarray(freshness) * 1000
+            ms = np.asarray([seconds for _, seconds in freshness]) * 1000
             loads.append(
                 {
                     "share_of_capacity": share,
@@ -117,13 +123,15 @@ def main() -> None:
                     "events": count,
                     "freshness_p50_ms": round(float(np.percentile(ms, 50)), 1),
                     "freshness_p99_ms": round(float(np.percentile(ms, 99)), 1),
+                    "timeline": [[round(t - begin_wall, 3), round(seconds * 1000, 1)] for t, seconds in freshness],
                 }
             )
-            print(loads[-1], flush=True)
+            print({k: v for k, v in loads[-1].items() if k != "timeline"}, flush=True)
         producer.close()
         node.stop_ingest()
         node.close()
     result = {
+        "profile": args.profile,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "models": {
             "encoder": settings.models.encoder,

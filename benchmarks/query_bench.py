@@ -1,101 +1,129 @@
-"""/search/vector latency through the real HTTP server, against raw FAISS on the same index, same run.
+"""Query latency: /search/vector over HTTP, raw FAISS on the same index, and Milvus Lite, in one run.
 
-    python -m benchmarks.query_bench --sizes 100000x128 --output benchmarks/results/query.json
+    python -m benchmarks.query_bench --sizes 100000x128 1000000x128 --output benchmarks/results/query.json
 
-The node's shards are filled through ShardSet.apply (sealed into HNSW by the
-background builder), then 1,000 vector queries go one at a time through a real
-aiohttp server (JSON encode, HTTP, executor hop, lock-free search, merge) and
-the same queries through ``index.search`` on the sealed FAISS index directly.
-The HTTP client runs in another process, one request at a time.
-Reported: p50/p99 of both and their ratio (goal: HTTP <= 1.5x raw at p50),
-and the same while a writer thread keeps upserting (concurrent ingest).
+Per size: clustered vectors go into a ShardSet through ``apply`` (batches of
+2,000; insert rows/s) and are sealed by the background builder (build time).
+Then, with the shards behind the real aiohttp app and a client in another
+process (benchmarks/httpload.py), one request at a time:
+
+* HTTP floor: an empty aiohttp handler on the same event loop, what any
+  request costs before lookstream does anything;
+* ``/search/vector`` (k 10), and again while a writer thread upserts 200
+  records every 50 ms (concurrent ingest);
+* raw FAISS ``index.search`` on the sealed index, back to back, and paced
+  with a pause as long as an HTTP request between queries (a CPU that idles
+  between queries loses its caches; HTTP requests arrive that way);
+* QPS with 4 connections; recall@10 against exact search; insert →
+  searchable delay of single new rows (apply, then search until found).
+
+The same data, queries and measures on Milvus Lite follow (benchmarks/against_milvus.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 from aiohttp import web
 
+from benchmarks import against_milvus
+from benchmarks.httpload import run_client
 from benchmarks.shards_bench import clustered, insert, percentiles, settle
 from indexer import generations
 from indexer.api import create_app
 from indexer.config import Settings
 from indexer.node import Node
+from indexer.pipeline import Item, Upsert
 from indexer.segments import IndexPolicy
-from indexer.shards import ShardSet
+from indexer.shards import ShardSet, release_freed_memory
 
-CLIENT = """
-import asyncio, json, sys, time
-import aiohttp
-
-async def main(port, path):
-    queries = json.load(open(path))
-    times = []
-    async with aiohttp.ClientSession() as session:
-        for q in queries:
-            started = time.perf_counter()
-            async with session.post(f"http://127.0.0.1:{port}/search/vector", json={"vector": q, "k": 10}) as r:
-                assert r.status == 200, await r.text()
-                await r.read()
-            times.append(time.perf_counter() - started)
-    print(json.dumps(times))
-
-asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
-"""
+PROFILES = {
+    "quick": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 1000, "qps_seconds": 5},
+    "full": {"sizes": ["100000x128", "100000x1280", "1000000x128", "1000000x1280"], "queries": 2000, "qps_seconds": 10},
+}
+RECALL_QUERIES = 200
+FRESH_ROWS = 20
 
 
-async def http_latencies(port: int, queries: np.ndarray, tmp: str) -> list[float]:
-    """Latencies seen by a client in another process, so that it does not share the server's event loop."""
-    path = Path(tmp) / "queries.json"
-    path.write_text(json.dumps(queries.tolist()))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CLIENT, str(port), str(path), stdout=asyncio.subprocess.PIPE
-    )
-    stdout, _ = await process.communicate()
-    assert process.returncode == 0
-    return json.loads(stdout)
+async def empty(request: web.Request) -> web.Response:
+    await request.read()
+    return web.json_response({"hits": []})
 
 
-def raw_latencies(index, params, queries: np.ndarray) -> list[float]:
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+def latencies(rows: list[tuple]) -> list[float]:
+    if any(status != 200 for _, _, status in rows):
+        raise RuntimeError(f"failed requests: {sorted({s for _, _, s in rows if s != 200})}")
+    return [seconds for _, seconds, _ in rows]
+
+
+def raw_latencies(index, params, queries: np.ndarray, pause_s: float = 0.0) -> list[float]:
     times = []
     for q in queries:
+        if pause_s:
+            time.sleep(pause_s)
         started = time.perf_counter()
         index.search(q.reshape(1, -1), 10, params=params)
         times.append(time.perf_counter() - started)
     return times
 
 
-async def run(n: int, dim: int, queries: int) -> dict:
-    data = clustered(n + queries, dim, seed=5)
-    base, qs = data[:n], data[n:]
+def searchable_delays(shards: ShardSet, fresh: np.ndarray, first: int) -> list[float]:
+    delays = []
+    for j, v in enumerate(fresh):
+        record = f"p{first + j}"
+        started = time.perf_counter()
+        shards.apply([Upsert("products", record, 0, {}, (Item("top", v, (0, 0, 1, 1), None, 1.0),))])
+        while record not in [h.id for h in shards.search(v, 10, "products")]:
+            pass
+        delays.append(time.perf_counter() - started)
+    return delays
+
+
+async def lookstream(base: np.ndarray, qs: np.ndarray, exact: np.ndarray, fresh: np.ndarray, qps_s: float) -> dict:
+    n, dim = base.shape
+    shards = ShardSet(dim, IndexPolicy(), "cpu")
+    started = time.perf_counter()
+    insert(shards, base)
+    insert_s = time.perf_counter() - started
+    settle(shards)
+    build_s = time.perf_counter() - started - insert_s
+    found = [[int(h.id[1:]) for h in shards.search(q, 10, "products")] for q in qs[: len(exact)]]
+    recall = np.mean([len(set(f) & set(e.tolist())) / 10 for f, e in zip(found, exact)])
+    delays = searchable_delays(shards, fresh, n)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.model_validate({"data_dir": tmp})
-        shards = ShardSet(dim, IndexPolicy(), "cpu")
-        insert(shards, base)
-        settle(shards)
         node = Node.create(settings, generations.load(settings, settings.models))
         node.active.shards = shards  # vectors of this benchmark's dimension; /search/vector uses no model
-        runner = web.AppRunner(create_app(node, consume=False))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        bare = web.Application()
+        bare.router.add_post("/", empty)
+        floor_runner, floor_port = await serve(bare)
+        runner, port = await serve(create_app(node, consume=False))
         sealed = shards.view.shards[("products", "top")].sealed
-        await http_latencies(port, qs[:50], tmp)  # warm-up
-        raw_latencies(sealed.index, sealed.search_params, qs[:50])
-        steady_http = await http_latencies(port, qs, tmp)
-        steady_raw = raw_latencies(sealed.index, sealed.search_params, qs)
+        await run_client(port, "/search/vector", qs[:50])  # warm-up
+        floor = latencies(await run_client(floor_port, "/", qs))
+        http = latencies(await run_client(port, "/search/vector", qs))
+        raw = raw_latencies(sealed.index, sealed.search_params, qs)
+        paced = raw_latencies(sealed.index, sealed.search_params, qs, pause_s=float(np.median(http)))
+        qps = len(latencies(await run_client(port, "/search/vector", qs, seconds=qps_s, connections=4))) / qps_s
 
         stop = threading.Event()
 
@@ -108,37 +136,65 @@ async def run(n: int, dim: int, queries: int) -> dict:
 
         thread = threading.Thread(target=writer)
         thread.start()
-        ingest_http = await http_latencies(port, qs, tmp)
+        during_ingest = latencies(await run_client(port, "/search/vector", qs))
         stop.set()
         thread.join()
         await runner.cleanup()
+        await floor_runner.cleanup()  # the app's cleanup closed the node and with it the shards
     result = {
-        "n": n,
-        "dim": dim,
         "index": sealed.kind,
-        "http": percentiles(steady_http),
-        "raw_faiss": percentiles(steady_raw),
-        "http_during_ingest": percentiles(ingest_http),
+        "insert_rows_per_s": round(n / insert_s),
+        "index_build_s": round(build_s, 1),
+        "insert_to_searchable": percentiles(delays),
+        "http_floor": percentiles(floor),
+        "http": percentiles(http),
+        "raw_faiss": percentiles(raw),
+        "raw_faiss_paced": percentiles(paced),
+        "http_during_ingest": percentiles(during_ingest),
+        "qps_4_connections": round(qps, 1),
+        "recall_at_10": round(float(recall), 4),
+        "http_samples_ms": [round(s * 1000, 3) for s in http],
+        "raw_samples_ms": [round(s * 1000, 3) for s in raw],
     }
     result["ratio_p50"] = round(result["http"]["p50_ms"] / result["raw_faiss"]["p50_ms"], 2)
-    result["qps_http_sequential"] = round(len(qs) / sum(steady_http), 1)
+    result["ratio_p50_paced"] = round(result["http"]["p50_ms"] / result["raw_faiss_paced"]["p50_ms"], 2)
+    return result
+
+
+def run(n: int, dim: int, queries: int, qps_s: float, milvus: bool) -> dict:
+    data = clustered(n + queries + FRESH_ROWS, dim, seed=5)
+    base, qs, fresh = data[:n], data[n : n + queries], data[n + queries :]
+    _, exact = faiss.knn(qs[:RECALL_QUERIES], base, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    result = {"n": n, "dim": dim, "lookstream": asyncio.run(lookstream(base, qs, exact, fresh, qps_s))}
+    gc.collect()
+    release_freed_memory()  # the shards are gone before Milvus Lite loads the same vectors
+    print({k: v for k, v in result["lookstream"].items() if not k.endswith("samples_ms")}, flush=True)
+    if milvus:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["milvus_lite"] = against_milvus.run(base, qs, exact, fresh, Path(tmp), qps_s)
+        print(result["milvus_lite"], flush=True)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["100000x128"])
-    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--profile", choices=PROFILES, default="quick")
+    parser.add_argument("--sizes", nargs="+", help="NxDIM, instead of the profile's")
+    parser.add_argument("--no-milvus", action="store_true", help="lookstream and raw FAISS only")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    profile = PROFILES[args.profile]
     results = []
-    for size in args.sizes:
+    for size in args.sizes or profile["sizes"]:
         n, dim = (int(v) for v in size.split("x"))
-        results.append(asyncio.run(run(n, dim, args.queries)))
-        print(results[-1], flush=True)
+        results.append(run(n, dim, profile["queries"], profile["qps_seconds"], not args.no_milvus))
     if args.output:
+        import pymilvus
+
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-        args.output.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+        versions = {"faiss": faiss.__version__, "pymilvus": pymilvus.__version__}
+        document = {"profile": args.profile, "machine": machine, "versions": versions, "results": results}
+        args.output.write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,379 @@
+"""docs/benchmarks.md and its plots, from the JSON that the benchmark steps wrote.
+
+The page is generated: change this file, not the page. Every figure on it
+comes from benchmarks/results/; a step without results is listed as not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FRESHNESS_GOAL_MS = 1000
+RATIO_GOAL = 1.5
+SWAP_GOAL = 2.0
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU model, cores, memory and, where there is one, the GPU; with the versions that matter here."""
+    import faiss
+    import torch
+
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    except OSError:
+        memory_kib = 0
+    machine = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_kib / 2**20),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+    }
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name(0)
+    return machine
+
+
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _size(n: int, dim: int) -> str:
+    return f"{n:,} x {dim}"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def _ms(p: dict) -> str:
+    return f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f} ms"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _machine_text(m: dict) -> str:
+    parts = [f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB"]
+    if m.get("gpu"):
+        parts.append(m["gpu"])
+    parts.append(f"Python {m.get('python')}, torch {m.get('torch')}, faiss {m.get('faiss')}")
+    return "; ".join(parts)
+
+
+class Page:
+    def __init__(self, results: Path, images: Path) -> None:
+        self.results, self.images = results, images
+        self.parts: list[str] = []
+        self.goals: list[list[str]] = []
+
+    def add(self, text: str) -> None:
+        self.parts.append(text.strip("\n"))
+
+    def goal(self, what: str, measured: str, ok: bool) -> None:
+        self.goals.append([what, measured, _met(ok)])
+
+    def plot(self, name: str, figure) -> str:
+        self.images.mkdir(parents=True, exist_ok=True)
+        figure.tight_layout()
+        figure.savefig(self.images / name, dpi=90)
+        return f"![{name}](benchmarks/{name})"
+
+
+def _ingest(page: Page, data: dict | None) -> None:
+    page.add("## Ingest and freshness (`ingest` step)")
+    if data is None:
+        page.add("Not run.")
+        return
+    page.add(
+        f"""
+Default models ({data["models"]["encoder"]}, {data["models"]["detector"]} detector, batches of
+{data["models"]["batch_size"]}), 320x400 JPEGs, one partition, the local broker. "Bare" is the models alone
+(decode, detect, encode) on the same images; "end to end" is a burst of events published up front until the
+last is searchable. Freshness is each event's producer timestamp to searchable, at a steady 50% and 90% of
+the end-to-end rate."""
+    )
+    rows = [
+        ["bare models", f"{data['bare_images_per_s']} images/s", "", ""],
+        ["end to end", f"{data['end_to_end_events_per_s']} events/s", "", ""],
+        ["efficiency (end to end / bare)", data["efficiency"], "≥ 0.9", _met(data["efficiency"] >= 0.9)],
+    ]
+    page.goal("ingest efficiency ≥ 0.9", str(data["efficiency"]), data["efficiency"] >= 0.9)
+    for load in data["freshness"]:
+        share = int(load["share_of_capacity"] * 100)
+        measured = f"{load['freshness_p50_ms']:.0f} / {load['freshness_p99_ms']:.0f} ms"
+        goal = share == 50
+        ok = load["freshness_p99_ms"] <= FRESHNESS_GOAL_MS
+        rows.append(
+            [
+                f"freshness p50 / p99 at {share}% load ({load['events_per_s']} events/s)",
+                measured,
+                "p99 ≤ 1 s" if goal else "",
+                _met(ok) if goal else "",
+            ]
+        )
+        if goal:
+            page.goal("freshness p99 ≤ 1 s at 50% load", f"{load['freshness_p99_ms']:.0f} ms", ok)
+    page.add(_table(["measure", "figure", "goal", ""], rows))
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(8, 3))
+    for load in data["freshness"]:
+        t, ms = np.asarray(load["timeline"]).T if load["timeline"] else ([], [])
+        ax.plot(t, ms, ".", markersize=3, label=f"{int(load['share_of_capacity'] * 100)}% load")
+    ax.axhline(FRESHNESS_GOAL_MS, color="grey", linestyle="--", linewidth=1, label="1 s")
+    ax.set(xlabel="seconds into the phase", ylabel="event -> searchable (ms)", title="Freshness over time")
+    ax.legend()
+    page.add(page.plot("freshness.png", figure))
+    plt.close(figure)
+
+
+def _query(page: Page, data: dict | None) -> None:
+    page.add("## Query latency: lookstream, raw FAISS and Milvus Lite (`query` step)")
+    if data is None:
+        page.add("Not run.")
+        return
+    page.add(
+        """
+Clustered, normalised vectors (1,000 centres, like real embeddings) go into the shards through
+`ShardSet.apply` in batches of 2,000 and are sealed by the background builder with the default policy (HNSW
+up to 200k rows, IVF above). Queries, k = 10, are sent one at a time by a client in another process over a
+keep-alive connection. *HTTP floor*: an empty aiohttp handler on the same event loop, what any request costs
+on this machine before lookstream does anything. *Raw FAISS*: `index.search` on the same sealed index in the
+same process, back to back, and *paced* with a pause as long as an HTTP request between queries (a CPU that
+idles between requests loses its caches and clock; HTTP requests arrive that way). Milvus Lite gets the same
+vectors, queries and index parameters (HNSW M 32 / ef 128, or IVF_FLAT with the same lists and nprobe),
+through pymilvus. Insert → searchable: one new row at a time, then search until it comes back."""
+    )
+    header = ["measure", "lookstream", "Milvus Lite"]
+    for result in data["results"]:
+        ls, mv = result["lookstream"], result.get("milvus_lite")
+
+        def m(key: str, fmt=str, mv=mv) -> str:
+            return fmt(mv[key]) if mv else "not run"
+
+        rows = [
+            ["index", ls["index"], m("index")],
+            [
+                "insert, rows/s (batches of 2,000)",
+                f"{ls['insert_rows_per_s']:,}",
+                m("insert_rows_per_s", "{:,}".format),
+            ],
+            ["index build after the last insert", f"{ls['index_build_s']} s", m("index_build_s", "{} s".format)],
+            ["insert → searchable, p50 / p99", _ms(ls["insert_to_searchable"]), m("insert_to_searchable", _ms)],
+            ["query p50 / p99 (lookstream: `/search/vector` over HTTP)", _ms(ls["http"]), m("query", _ms)],
+            ["QPS, 4 connections", ls["qps_4_connections"], m("qps_4_connections")],
+            ["recall@10 against exact", ls["recall_at_10"], m("recall_at_10")],
+            ["query p50 / p99 while a writer upserts 200 records every 50 ms", _ms(ls["http_during_ingest"]), ""],
+            ["HTTP floor (empty handler) p50 / p99", _ms(ls["http_floor"]), ""],
+            ["raw FAISS back to back, p50 / p99", _ms(ls["raw_faiss"]), ""],
+            ["raw FAISS paced like HTTP, p50 / p99", _ms(ls["raw_faiss_paced"]), ""],
+            ["`/search/vector` p50 / raw FAISS p50", f"{ls['ratio_p50']}x (paced: {ls['ratio_p50_paced']}x)", ""],
+        ]
+        page.add(f"### {_size(result['n'], result['dim'])}")
+        page.add(_table(header, rows))
+        page.goal(
+            f"`/search/vector` p50 ≤ 1.5x raw FAISS, {_size(result['n'], result['dim'])}",
+            f"{ls['ratio_p50']}x back to back, {ls['ratio_p50_paced']}x paced",
+            ls["ratio_p50"] <= RATIO_GOAL,
+        )
+    import matplotlib.pyplot as plt
+
+    sizes = data["results"]
+    figure, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.2), squeeze=False)
+    for ax, result in zip(axes[0], sizes):
+        series = [("lookstream HTTP", result["lookstream"]["http_samples_ms"])]
+        series.append(("raw FAISS", result["lookstream"]["raw_samples_ms"]))
+        if result.get("milvus_lite"):
+            series.append(("Milvus Lite", result["milvus_lite"]["samples_ms"]))
+        for label, samples in series:
+            s = np.sort(samples)
+            ax.plot(s, np.arange(1, len(s) + 1) / len(s), label=label)
+        ax.set_xscale("log")
+        ax.set(title=_size(result["n"], result["dim"]), xlabel="latency (ms, log)", ylabel="share of queries")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend()
+    page.add(page.plot("query-latency.png", figure))
+    plt.close(figure)
+
+
+def _swaps(page: Page, data: dict | None) -> None:
+    page.add("## Latency during rebuild swaps and generation flips (`swaps` step)")
+    if data is None:
+        page.add("Not run.")
+        return
+    rebuild, flips = data["rebuild_swaps"], data["generation_flips"]
+    page.add(
+        f"""
+A client in another process sends `/search/vector` requests back to back. *Rebuild swaps*: {rebuild["rows"]:,}
+x {rebuild["dim"]} vectors in HNSW; a writer rewrites a quarter of the records at a time (or asks
+`POST /admin/rebuild`), and the background rebuild is swapped in. *Generation flips*: the local broker and the
+default models with {flips["events"]} products indexed; `POST /admin/swap` selects another classifier, the new
+generation replays the topic beside the active one and the node flips to it (then back). "Near a swap": the
+requests running within ±100 ms of one. The whole phase includes the rebuild or replay competing for the
+same cores."""
+    )
+    rows = []
+    for name, phase in (("rebuild swaps", rebuild), ("generation flips", flips)):
+        for label, key in (("steady, before", "steady"), ("whole phase", "whole_phase"), ("near a swap", "near_swaps")):
+            s = phase[key]
+            latency = f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} ms" if s["p50_ms"] is not None else "none"
+            rows.append([name, label, s["requests"], latency, s["failed"]])
+        ratio = phase.get("near_swaps_p99_over_steady")
+        page.goal(
+            f"p99 near {name} ≤ 2x steady ({phase['swaps']} swaps)",
+            f"{ratio}x" if ratio is not None else "no swap happened",
+            ratio is not None and ratio <= SWAP_GOAL,
+        )
+        failed = phase["whole_phase"]["failed"]
+        page.goal(f"failed queries during {name} = 0", str(failed), failed == 0)
+    page.add(_table(["scenario", "requests", "count", "p50 / p99", "failed"], rows))
+    if flips.get("flip_after_s"):
+        page.add(f"Each flip came {', '.join(f'{s} s' for s in flips['flip_after_s'])} after its `POST /admin/swap`.")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 1, figsize=(8, 5))
+    for ax, (name, phase) in zip(axes, (("rebuild swaps", rebuild), ("generation flips", flips))):
+        timeline = np.asarray(phase["timeline"])
+        start = timeline[0, 0]
+        ax.plot(timeline[:, 0] - start, timeline[:, 1], ".", markersize=2)
+        for t in phase["swap_times"]:
+            ax.axvline(t - start, color="red", linewidth=1)
+        ax.set_yscale("log")
+        ax.set(title=f"{name} (red: swap)", xlabel="seconds", ylabel="latency (ms, log)")
+    page.add(page.plot("swaps.png", figure))
+    plt.close(figure)
+
+
+def _shards(page: Page, data: dict | None) -> None:
+    page.add("## Shards: ANN recall and memory after churn (`shards` step)")
+    if data is None:
+        page.add("Not run.")
+        return
+    page.add(
+        """
+Recall@10: the share of the exact top 10 (`faiss.knn` over all live vectors) that `ShardSet.search` returns,
+over 1,000 held-out queries. "Clustered" data: normalised points around 1,000 centres, as real embeddings
+are; "uniform" (noise 10x a centre) has no structure, the hardest case. Memory: resident memory of the shards
+in a fresh process after inserting n records and rewriting half of them, against inserting them once."""
+    )
+    rows = []
+    for r in data["recall"]:
+        clustered = r["spread"] < 1
+        ok = r["recall_at_10"] >= 0.95
+        rows.append(
+            [
+                _size(r["n"], r["dim"]),
+                "clustered" if clustered else "uniform",
+                r["index"] + (" (forced)" if r.get("policy") == "ivf forced" else ""),
+                r["recall_at_10"],
+                _met(ok) if clustered else ("met" if ok else "not met (no structure)"),
+                f"{r['insert_and_build_s']} s",
+                f"{r['query_ms_mean']} ms",
+            ]
+        )
+        if clustered:
+            page.goal(f"recall@10 ≥ 0.95, {_size(r['n'], r['dim'])} {r['index']}", str(r["recall_at_10"]), ok)
+    page.add(_table(["vectors", "data", "index", "recall@10", "goal ≥ 0.95", "insert + build", "query, mean"], rows))
+    rows = []
+    for c in data["churn"]:
+        ok = c["ratio"] <= 1.3
+        rows.append(
+            [_size(c["n"], c["dim"]), f"{c['live_mb']} MB", f"{c['after_50pct_churn_mb']} MB", c["ratio"], _met(ok)]
+        )
+        page.goal(f"memory after 50% churn ≤ 1.3x live, {_size(c['n'], c['dim'])}", str(c["ratio"]), ok)
+    page.add(_table(["records", "live data", "after 50% churn", "ratio", "goal ≤ 1.3"], rows))
+
+
+def _models(page: Page, cpu: dict | None, gpu: dict | None) -> None:
+    page.add("## Models: images per second (`models-cpu`, `models-gpu` steps)")
+    if cpu is None and gpu is None:
+        page.add("Not run.")
+        return
+    page.add(
+        """
+Each built-in model through its plugin's own code path, in batches. Models whose weights are not on this
+machine (Swin, CLIP, DETR) run at their real architecture sizes with random weights: speed does not depend on
+the weights' values. Details and accuracy: docs/models.md."""
+    )
+    by_model: dict[tuple[str, str], dict[str, str]] = {}
+    for label, data in (("CPU", cpu), ("GPU", gpu)):
+        for r in (data or {}).get("results", []):
+            by_model.setdefault((r["role"], r["model"]), {})[label] = f"{r['images_per_s']} (batch {r['batch']})"
+    rows = [[role, model, v.get("CPU", "not run"), v.get("GPU", "not run")] for (role, model), v in by_model.items()]
+    page.add(_table(["role", "model", "CPU images/s", "GPU images/s"], rows))
+
+
+def _gpu(page: Page, data: dict | None) -> None:
+    page.add("## GPU shards (`gpu` step)")
+    if data is None:
+        page.add("Not run (needs a CUDA device).")
+        return
+    page.add(
+        f"""
+{data["machine"]["gpu"]}, torch {data["machine"]["torch"]}. The torch-cuda backend keeps every row in a CUDA
+tensor and searches exactly (matrix product + top-k); rows go in through `ShardSet.apply`, queries one at a
+time through `ShardSet.search`. Baseline: exact `faiss.knn` on the same machine's {data["machine"]["cpu_cores"]}
+CPU cores, same vectors and queries."""
+    )
+    rows = [
+        [
+            _size(r["n"], r["dim"]),
+            _ms(r["gpu_shard"]),
+            r.get("gpu_qps_sequential", ""),
+            _ms(r["cpu_faiss_knn"]),
+            r.get("cpu_qps_sequential", ""),
+            r["top10_agreement_with_cpu"],
+            f"{r['load_s']} s",
+        ]
+        for r in data["results"]
+    ]
+    header = ["vectors", "GPU p50 / p99", "GPU QPS", "CPU exact p50 / p99", "CPU QPS", "top-10 agreement", "load"]
+    page.add(_table(header, rows))
+
+
+def write(results: Path, docs: Path) -> Path:
+    page = Page(results, docs / "benchmarks")
+    runs = _load(results, "runs") or {}
+    _ingest(page, _load(results, "ingest"))
+    _query(page, _load(results, "query"))
+    _swaps(page, _load(results, "swaps"))
+    _shards(page, _load(results, "shards"))
+    _models(page, _load(results, "models-cpu"), _load(results, "models-gpu"))
+    _gpu(page, _load(results, "gpu"))
+    machines = {json.dumps(r["machine"], sort_keys=True): r["machine"] for r in runs.values()}
+    labels = {key: chr(ord("A") + i) for i, key in enumerate(machines)}
+    run_rows = [
+        [name, r["profile"], r["finished"], r["minutes"], "ok" if r["exit_code"] == 0 else f"exit {r['exit_code']}",
+         labels[json.dumps(r["machine"], sort_keys=True)]]
+        for name, r in runs.items()
+    ]  # fmt: skip
+    head = [
+        "# Benchmarks",
+        "Generated by `python -m benchmarks` (benchmarks/report.py) from the JSON in benchmarks/results/: edit the "
+        "script, not this page. Crash recovery and the long soak are in docs/reliability.md.",
+        "## Runs and machines",
+        _table(["step", "profile", "finished (UTC)", "minutes", "result", "machine"], run_rows),
+        "\n".join(f"* {labels[key]}: {_machine_text(m)}" for key, m in machines.items()),
+        "## Goals",
+        _table(["goal", "measured", ""], page.goals),
+    ]
+    path = docs / "benchmarks.md"
+    path.write_text("\n\n".join(head + page.parts) + "\n")
+    return path
