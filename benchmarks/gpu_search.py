@@ -1,6 +1,6 @@
 """Shard search latency on the torch-cuda backend against exact FAISS search on the CPU, same data.
 
-    python -m benchmarks.gpu_search --sizes 1000000x128 --output benchmarks/results/gpu-search.json
+    python -m benchmarks.gpu_search --sizes 1000000x128 --output benchmarks/results/gpu.json
 
 Rows go in through ShardSet.apply (so per-row metadata and the sealing swap
 are included) and are searched one query at a time through ShardSet.search,
