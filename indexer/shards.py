@@ -114,6 +114,7 @@ class Shard:
         self.sealed = sealed
         self.growing = growing or empty_growing(dim, backend=backend)
         self.building: Future | None = None
+        self._deleted_while_building: list[np.ndarray] = []  # item keys removed since the running build began
 
     @property
     def state(self) -> ShardState:
@@ -133,6 +134,8 @@ class Shard:
 
     def remove(self, keys: list[int], seq: int) -> None:
         keys = np.asarray(keys, np.int64)
+        if self.building is not None:
+            self._deleted_while_building.append(keys)
         sealed = self.sealed
         if sealed is None or sealed.count == 0:
             in_sealed = np.zeros(len(keys), bool)
@@ -172,6 +175,10 @@ class Shard:
             return True
         return sealed.dead >= max(policy.rebuild_min_dead, policy.rebuild_dead_fraction * sealed.count)
 
+    def start_build(self, builder: ThreadPoolExecutor, seq: int, policy: IndexPolicy) -> None:
+        self.building = builder.submit(build_from_state, self.state, seq, policy, self.backend)
+        self._deleted_while_building = []
+
     def install(self, built: Segment, seq: int) -> None:
         """Swap in a segment built from the rows live at some earlier sequence.
 
@@ -181,8 +188,13 @@ class Shard:
         to its last one that were live when the build started.
         """
         keys = built.keys[: built.count]
-        live_now = np.concatenate([seg.keys[seg.live_rows(NEVER - 1)] for seg in self.state.segments])
-        built.deleted_at[: built.count][~np.isin(keys, live_now, assume_unique=True)] = seq  # deleted meanwhile
+        if self._deleted_while_building:  # ...are deleted in the built segment too
+            gone = np.concatenate(self._deleted_while_building)
+            rows = np.searchsorted(keys, gone)
+            held = rows < len(keys)
+            held[held] = keys[rows[held]] == gone[held]
+            built.deleted_at[rows[held]] = seq
+            self._deleted_while_building = []
         built = built.with_counts(dead=int((built.deleted_at[: built.count] != NEVER).sum()))
         g = self.growing
         rest = g.live_rows(NEVER - 1)
@@ -336,9 +348,7 @@ class ShardSet:
             for key, shard in self._shards.items():
                 if shard.building is None and shard.state.live:
                     log.info("rebuilding shard %s/%s on request", *key)
-                    shard.building = self._builder.submit(
-                        build_from_state, shard.state, self.view.seq, self.policy, self.backend
-                    )
+                    shard.start_build(self._builder, self.view.seq, self.policy)
                     scheduled += 1
             return scheduled
 
@@ -357,7 +367,7 @@ class ShardSet:
         for key, shard in self._shards.items():
             if shard.needs_rebuild(self.policy):
                 log.info("rebuilding shard %s/%s (%d live rows)", *key, shard.state.live)
-                shard.building = self._builder.submit(build_from_state, shard.state, seq, self.policy, self.backend)
+                shard.start_build(self._builder, seq, self.policy)
 
     def _install_finished(self, seq: int) -> None:
         for key, shard in self._shards.items():
