@@ -37,6 +37,7 @@ import itertools
 import logging
 import operator
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -205,12 +206,17 @@ class Shard:
 
 
 def _leave_a_core_for_queries() -> None:
-    """FAISS builds in the builder thread use one OpenMP thread fewer than there are cores.
+    """The builder thread yields to queries: one OpenMP thread fewer than cores, and a lower priority.
 
     OpenMP's thread count is per calling thread, so searches keep every core;
     a build that took them all would stall the event loop for its duration.
+    On Linux a thread has its own nice value (inherited by the OpenMP threads
+    it starts), so the scheduler prefers queries to a build.
     """
     faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    if sys.platform == "linux":  # elsewhere PRIO_PROCESS takes a process id, not a thread's
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _take(items: list, rows: np.ndarray) -> list:
