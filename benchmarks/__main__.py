@@ -1,7 +1,8 @@
 """Run every benchmark, then write docs/benchmarks.md from the results.
 
-    python -m benchmarks --profile quick            # a laptop: about 25 minutes on 2 cores
-    python -m benchmarks --profile full             # a bigger machine: 1M x 1280 vectors, longer phases
+\b
+    python -m benchmarks --profile quick            # a laptop: about 35 minutes on 2 cores
+    python -m benchmarks --profile full             # a bigger machine: longer phases, 1M x 1280 too
     python -m benchmarks --only gpu models-gpu      # some steps (on a GPU machine, say); the report keeps the rest
     python -m benchmarks --report                   # only rewrite docs/benchmarks.md from benchmarks/results
 
@@ -35,6 +36,8 @@ def steps(profile: str) -> dict[str, list[str]]:
         "shards": ["benchmarks.shards_bench", "--profile", profile],
         "ingest": ["benchmarks.ingest", "--profile", profile],
         "query": ["benchmarks.query_bench", "--profile", profile],
+        # 1M x 1280 needs about 20 GB and many cores: its own step, on a bigger machine
+        "query-large": ["benchmarks.query_bench", "--profile", profile, "--sizes", "1000000x1280"],
         "swaps": ["benchmarks.swaps", "--profile", profile],
         "models-cpu": ["benchmarks.models_throughput", "--device", "cpu"],
         "models-gpu": ["benchmarks.models_throughput", "--device", "cuda", "--scale", "8"],
@@ -43,6 +46,7 @@ def steps(profile: str) -> dict[str, list[str]]:
 
 
 NEEDS_CUDA = {"models-gpu", "gpu"}
+FULL_ONLY = {"query-large"}
 
 
 @click.command(help=__doc__)
@@ -62,6 +66,8 @@ def main(profile: str, only: tuple[str, ...], report_only: bool, names: tuple[st
         log = json.loads(log_path.read_text()) if log_path.exists() else {}
         for name, command in plan.items():
             if wanted and name not in wanted:
+                continue
+            if name in FULL_ONLY and profile != "full" and not wanted:
                 continue
             if name in NEEDS_CUDA and not torch.cuda.is_available():
                 click.echo(f"-- {name}: skipped (no CUDA device)")

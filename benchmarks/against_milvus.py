@@ -1,7 +1,8 @@
 """The query benchmark's workload on Milvus Lite (PyPI ``milvus-lite`` through ``pymilvus``), for a side-by-side table.
 
-Milvus Lite runs its own server process and is reached over gRPC, as
-lookstream is over HTTP. The index mirrors lookstream's default policy at the
+Milvus Lite 3 is a Python engine over faiss-cpu; its gRPC server runs in a
+thread of the calling process (it is meant to be embedded), reached through
+pymilvus as lookstream is over HTTP. The index mirrors lookstream's default policy at the
 same size: HNSW (M 32, efConstruction 64, ef 128) up to 200,000 rows, IVF_FLAT
 (4·sqrt(n) lists, nprobe = lists/16) above. Measured: insert rows/s (batches
 of 2,000, until ``insert`` returns), index build time, insert → searchable

@@ -50,7 +50,7 @@ from indexer.shards import ShardSet, release_freed_memory
 
 PROFILES = {
     "quick": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 1000, "qps_seconds": 5},
-    "full": {"sizes": ["100000x128", "100000x1280", "1000000x128", "1000000x1280"], "queries": 2000, "qps_seconds": 10},
+    "full": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 2000, "qps_seconds": 10},
 }
 RECALL_QUERIES = 200
 FRESH_ROWS = 20
