@@ -49,7 +49,7 @@ from indexer.segments import IndexPolicy
 from indexer.shards import ShardSet, release_freed_memory
 
 PROFILES = {
-    "quick": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 1000, "qps_seconds": 5},
+    "quick": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 500, "qps_seconds": 3},
     "full": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 2000, "qps_seconds": 10},
 }
 RECALL_QUERIES = 200
