@@ -90,9 +90,13 @@ class Page:
         self.goals.append([what, measured, _met(ok)])
 
     def plot(self, name: str, figure) -> str:
+        """Save and close the figure; the markdown that shows it."""
+        import matplotlib.pyplot as plt
+
         self.images.mkdir(parents=True, exist_ok=True)
         figure.tight_layout()
         figure.savefig(self.images / name, dpi=90)
+        plt.close(figure)
         return f"![{name}](benchmarks/{name})"
 
 
@@ -141,7 +145,6 @@ the end-to-end rate."""
     ax.set(xlabel="seconds into the phase", ylabel="event -> searchable (ms)", title="Freshness over time")
     ax.legend()
     page.add(page.plot("freshness.png", figure))
-    plt.close(figure)
 
 
 def _query(page: Page, documents: list[dict]) -> None:
@@ -212,7 +215,6 @@ time, then search until it comes back."""
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend()
     page.add(page.plot("query-latency.png", figure))
-    plt.close(figure)
 
 
 def _swaps(page: Page, data: dict | None) -> None:
@@ -267,7 +269,6 @@ the swap itself costs."""
         ax.set_yscale("log")
         ax.set(title=f"{name} (red: swap)", xlabel="seconds", ylabel="latency (ms, log)")
     page.add(page.plot("swaps.png", figure))
-    plt.close(figure)
 
 
 def _shards(page: Page, data: dict | None) -> None:

@@ -44,7 +44,7 @@ from benchmarks.crash_recovery import free_port
 from benchmarks.httpload import run_client
 from benchmarks.ingest import images, wait_consumed
 from benchmarks.query_bench import serve
-from benchmarks.shards_bench import clustered, insert, settle
+from benchmarks.shards_bench import clustered, insert, percentiles, settle
 from indexer import generations
 from indexer.api import create_app
 from indexer.broker import LocalBroker
@@ -82,13 +82,9 @@ class Watcher(threading.Thread):
 
 
 def summary(rows: list[tuple]) -> dict:
-    ms = np.asarray([seconds for _, seconds, status in rows if status == 200]) * 1000
-    return {
-        "requests": len(rows),
-        "failed": sum(1 for *_, status in rows if status != 200),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3) if len(ms) else None,
-        "p99_ms": round(float(np.percentile(ms, 99)), 3) if len(ms) else None,
-    }
+    ok = [seconds for _, seconds, status in rows if status == 200]
+    failed = len(rows) - len(ok)
+    return {"requests": len(rows), "failed": failed, **(percentiles(ok) if ok else {"p50_ms": None, "p99_ms": None})}
 
 
 def phase(steady: list[tuple], during: list[tuple], swaps: list[float]) -> dict:

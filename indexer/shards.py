@@ -164,8 +164,7 @@ class Shard:
         """The live rows of the growing segment in new arrays; readers of the old ones are unaffected."""
         g = self.growing
         live = g.live_rows(NEVER - 1)
-        metas = [g.metas[r] for r in live.tolist()]
-        return growing_from(g.vectors[live], g.keys[live], metas, capacity, self.backend)
+        return growing_from(g.vectors[live], g.keys[live], _take(g.metas, live), capacity, self.backend)
 
     def needs_rebuild(self, policy: IndexPolicy) -> bool:
         """Seal once the shard is big enough for an index; rebuild when the growing part or the dead rows pile up."""
