@@ -92,13 +92,19 @@ class Segment:
     def live_rows(self, seq: int) -> np.ndarray:
         return np.flatnonzero(self.deleted_at[: self.count] > seq)
 
-    def row_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """The stored vectors of some rows (reconstructed from the index for sealed segments)."""
+    @property
+    def dim(self) -> int:
+        return self.index.d if self.index is not None else self.vectors.shape[1]
+
+    def row_vectors(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored vectors of some rows (reconstructed from the index for sealed segments), into ``out`` if given."""
+        if out is None:
+            out = np.empty((len(rows), self.dim), np.float32)
         if self.index is None:
-            return self.vectors[rows]
-        if not len(rows):
-            return np.empty((0, self.index.d), np.float32)
-        return self.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+            np.take(self.vectors, rows, axis=0, out=out)
+        elif len(rows):
+            self.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64), out)
+        return out
 
     def with_counts(self, count: int | None = None, dead: int | None = None) -> Segment:
         return replace(self, count=self.count if count is None else count, dead=self.dead if dead is None else dead)

@@ -218,6 +218,22 @@ def _leave_a_core_for_queries() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
+@contextlib.contextmanager
+def one_openmp_thread():
+    """FAISS calls of this thread use one OpenMP thread meanwhile (the setting is per thread).
+
+    A single query gains nothing from more: FAISS splits work by query, so the
+    other threads only wake, spin and take a core from the rest of the request
+    (exact search of 20,000 x 1280 growing rows: 6.6 ms with 2 threads, 3.6 ms with one).
+    """
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _take(items: list, rows: np.ndarray) -> list:
     """``[items[r] for r in rows]`` without a Python-level loop."""
     if len(rows) == 0:
@@ -238,14 +254,20 @@ def release_freed_memory() -> None:
 
 
 def build_from_state(state: ShardState, seq: int, policy: IndexPolicy, backend: str = "cpu") -> Segment:
-    """Background job: a sealed segment over every row of ``state`` live at ``seq``."""
-    vectors, keys, metas = [], [], []
-    for segment in state.segments:
-        rows = segment.live_rows(seq)
-        vectors.append(segment.row_vectors(rows))
+    """Background job: a sealed segment over every row of ``state`` live at ``seq``.
+
+    The rows go straight into one array (no per-segment copies to concatenate):
+    at 1M x 1280 each copy is 5 GB on top of the old index and the new one.
+    """
+    live = [(segment, segment.live_rows(seq)) for segment in state.segments]
+    vectors = np.empty((sum(len(rows) for _, rows in live), state.segments[0].dim), np.float32)
+    keys, metas, start = [], [], 0
+    for segment, rows in live:
+        segment.row_vectors(rows, out=vectors[start : start + len(rows)])
+        start += len(rows)
         keys.append(segment.keys[rows])
         metas.extend(_take(segment.metas, rows))
-    return build_sealed(np.concatenate(vectors), np.concatenate(keys), metas, policy, backend)
+    return build_sealed(vectors, np.concatenate(keys), metas, policy, backend)
 
 
 class ShardSet:
@@ -419,11 +441,12 @@ class ShardSet:
         # More than k: one record may hold several matching items, and a filter drops some.
         fetch = k * (FILTER_FETCH if accept is not None else 2)
         candidates: list[tuple[float, ItemMeta]] = []
-        for (coll, cat), state in view.shards.items():
-            if coll in collections and (category is None or cat == category):
-                for segment in state.segments:
-                    found = segment.search(query, fetch, view.seq)[0]
-                    candidates.extend(found if accept is None else (c for c in found if accept(c[1])))
+        with one_openmp_thread():
+            for (coll, cat), state in view.shards.items():
+                if coll in collections and (category is None or cat == category):
+                    for segment in state.segments:
+                        found = segment.search(query, fetch, view.seq)[0]
+                        candidates.extend(found if accept is None else (c for c in found if accept(c[1])))
         candidates.sort(key=lambda c: -c[0])
         hits: dict[tuple[str, str], Hit] = {}
         for score, meta in candidates:

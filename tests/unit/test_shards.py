@@ -1,3 +1,4 @@
+import os
 import threading
 
 import numpy as np
@@ -278,3 +279,27 @@ def test_torch_backend_checkpoint_round_trip(tmp_path, torch_backend):
     _, restored = load_latest(tmp_path, generation, SMALL, torch_backend)
     assert restored.backend == torch_backend
     assert [restored.search(v, 1, "products")[0].id for v in data[:50]] == [f"p{i}" for i in range(50)]
+
+
+def test_search_uses_one_openmp_thread_and_gives_the_setting_back(monkeypatch):
+    import faiss
+
+    from indexer import segments
+
+    shards = ShardSet(DIM)
+    shards.apply([upsert(f"r{i}", [v]) for i, v in enumerate(unit_vectors(50))])
+    threads_seen = []
+    real_knn = segments.faiss.knn
+
+    def knn(*args, **kwargs):
+        threads_seen.append(faiss.omp_get_max_threads())
+        return real_knn(*args, **kwargs)
+
+    monkeypatch.setattr(segments.faiss, "knn", knn)
+    faiss.omp_set_num_threads(2)
+    try:
+        assert shards.search(unit_vectors(1, seed=1)[0], 5, "products")
+        assert threads_seen == [1]
+        assert faiss.omp_get_max_threads() == 2  # the thread's own setting again
+    finally:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
