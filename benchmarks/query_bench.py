@@ -11,9 +11,11 @@ process (benchmarks/httpload.py), one request at a time:
   request costs before lookstream does anything;
 * ``/search/vector`` (k 10), and again while a writer thread upserts 200
   records every 50 ms (concurrent ingest);
-* raw FAISS ``index.search`` on the sealed index, back to back, and paced
-  with a pause as long as an HTTP request between queries (a CPU that idles
-  between queries loses its caches; HTTP requests arrive that way);
+* raw FAISS over the same rows, back to back, and paced with a pause as long
+  as an HTTP request between queries (a CPU that idles between queries loses
+  its caches; HTTP requests arrive that way): ``index.search`` on the sealed
+  index plus exact ``faiss.knn`` over the rows still in the growing segment
+  (up to ``IndexPolicy.growing_max_rows``; lookstream searches both);
 * QPS with 4 connections; recall@10 against exact search; insert →
   searchable delay of single new rows (apply, then search until found).
 
@@ -45,8 +47,8 @@ from indexer.api import create_app
 from indexer.config import Settings
 from indexer.node import Node
 from indexer.pipeline import Item, Upsert
-from indexer.segments import IndexPolicy
-from indexer.shards import ShardSet, release_freed_memory
+from indexer.segments import IndexPolicy, Segment
+from indexer.shards import ShardSet, one_openmp_thread, release_freed_memory
 
 PROFILES = {
     "quick": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 500, "qps_seconds": 3},
@@ -75,14 +77,21 @@ def latencies(rows: list[tuple]) -> list[float]:
     return [seconds for _, seconds, _ in rows]
 
 
-def raw_latencies(index, params, queries: np.ndarray, pause_s: float = 0.0) -> list[float]:
+def raw_latencies(segments: tuple[Segment, ...], queries: np.ndarray, pause_s: float = 0.0) -> list[float]:
+    """FAISS alone over the rows lookstream searches: the sealed index, and the growing rows exactly."""
     times = []
-    for q in queries:
-        if pause_s:
-            time.sleep(pause_s)
-        started = time.perf_counter()
-        index.search(q.reshape(1, -1), 10, params=params)
-        times.append(time.perf_counter() - started)
+    with one_openmp_thread():  # as lookstream searches; the faster setting for one query
+        for q in queries:
+            if pause_s:
+                time.sleep(pause_s)
+            query = q.reshape(1, -1)
+            started = time.perf_counter()
+            for segment in segments:
+                if segment.index is not None:
+                    segment.index.search(query, 10, params=segment.search_params)
+                elif segment.count:
+                    faiss.knn(query, segment.vectors[: segment.count], 10, metric=faiss.METRIC_INNER_PRODUCT)
+            times.append(time.perf_counter() - started)
     return times
 
 
@@ -117,12 +126,12 @@ async def lookstream(base: np.ndarray, qs: np.ndarray, exact: np.ndarray, fresh:
         bare.router.add_post("/", empty)
         floor_runner, floor_port = await serve(bare)
         runner, port = await serve(create_app(node, consume=False))
-        sealed = shards.view.shards[("products", "top")].sealed
+        state = shards.view.shards[("products", "top")]
         await run_client(port, "/search/vector", qs[:50])  # warm-up
         floor = latencies(await run_client(floor_port, "/", qs))
         http = latencies(await run_client(port, "/search/vector", qs))
-        raw = raw_latencies(sealed.index, sealed.search_params, qs)
-        paced = raw_latencies(sealed.index, sealed.search_params, qs, pause_s=float(np.median(http)))
+        raw = raw_latencies(state.segments, qs)
+        paced = raw_latencies(state.segments, qs, pause_s=float(np.median(http)))
         qps = len(latencies(await run_client(port, "/search/vector", qs, seconds=qps_s, connections=4))) / qps_s
 
         stop = threading.Event()
@@ -142,7 +151,8 @@ async def lookstream(base: np.ndarray, qs: np.ndarray, exact: np.ndarray, fresh:
         await runner.cleanup()
         await floor_runner.cleanup()  # the app's cleanup closed the node and with it the shards
     result = {
-        "index": sealed.kind,
+        "index": state.sealed.kind,
+        "growing_rows": state.growing.count,
         "insert_rows_per_s": round(n / insert_s),
         "index_build_s": round(build_s, 1),
         "insert_to_searchable": percentiles(delays),
@@ -161,17 +171,18 @@ async def lookstream(base: np.ndarray, qs: np.ndarray, exact: np.ndarray, fresh:
     return result
 
 
-def run(n: int, dim: int, queries: int, qps_s: float, milvus: bool) -> dict:
-    data = clustered(n + queries + FRESH_ROWS, dim, seed=5)
-    base, qs, fresh = data[:n], data[n : n + queries], data[n + queries :]
+def run(n: int, dim: int, queries: int, qps_s: float, milvus: bool, directory: Path) -> dict:
+    # In a file the kernel can page out: at 1M x 1280 the data alone is 5 GB beside the shards' own copies.
+    shape = (n + queries + FRESH_ROWS, dim)
+    data = clustered(*shape, seed=5, out=np.lib.format.open_memmap(directory / "data.npy", "w+", np.float32, shape))
+    base, qs, fresh = data[:n], np.array(data[n : n + queries]), np.array(data[n + queries :])
     _, exact = faiss.knn(qs[:RECALL_QUERIES], base, 10, metric=faiss.METRIC_INNER_PRODUCT)
     result = {"n": n, "dim": dim, "lookstream": asyncio.run(lookstream(base, qs, exact, fresh, qps_s))}
     gc.collect()
     release_freed_memory()  # the shards are gone before Milvus Lite loads the same vectors
     print({k: v for k, v in result["lookstream"].items() if not k.endswith("samples_ms")}, flush=True)
     if milvus:
-        with tempfile.TemporaryDirectory() as tmp:
-            result["milvus_lite"] = against_milvus.run(base, qs, exact, fresh, Path(tmp), qps_s)
+        result["milvus_lite"] = against_milvus.run(base, qs, exact, fresh, directory, qps_s)
         print({k: v for k, v in result["milvus_lite"].items() if k != "samples_ms"}, flush=True)
     return result
 
@@ -187,7 +198,8 @@ def main() -> None:
     results = []
     for size in args.sizes or profile["sizes"]:
         n, dim = (int(v) for v in size.split("x"))
-        results.append(run(n, dim, profile["queries"], profile["qps_seconds"], not args.no_milvus))
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(run(n, dim, profile["queries"], profile["qps_seconds"], not args.no_milvus, Path(tmp)))
     if args.output:
         import pymilvus
 

@@ -31,12 +31,23 @@ from indexer.segments import IndexPolicy
 from indexer.shards import ShardSet
 
 
-def clustered(n: int, dim: int, seed: int, centres: int = 1000, spread: float = 0.6) -> np.ndarray:
-    """Normalised points around random centres; the noise is ``spread`` times as large as a centre."""
+def clustered(
+    n: int, dim: int, seed: int, centres: int = 1000, spread: float = 0.6, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Normalised points around random centres; the noise is ``spread`` times as large as a centre.
+
+    Made in blocks of float32 rows, so 1M x 1280 (5 GB) needs little more than its own size;
+    ``out`` (a memory-mapped file, say) receives them instead of a new array.
+    """
     rng = np.random.default_rng(seed)
-    middle = rng.standard_normal((centres, dim)).astype(np.float32)
-    x = middle[rng.integers(centres, size=n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    middle = rng.standard_normal((centres, dim), dtype=np.float32)
+    x = np.empty((n, dim), np.float32) if out is None else out
+    for i in range(0, n, 100_000):
+        block = x[i : i + 100_000]
+        block[:] = middle[rng.integers(centres, size=len(block))]
+        block += spread * rng.standard_normal(block.shape, dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+    return x
 
 
 def insert(shards: ShardSet, vectors: np.ndarray, start: int = 0, batch: int = 2000, tag: int = 0) -> None:
