@@ -267,7 +267,7 @@ def build_from_state(state: ShardState, seq: int, policy: IndexPolicy, backend: 
         start += len(rows)
         keys.append(segment.keys[rows])
         metas.extend(_take(segment.metas, rows))
-    return build_sealed(vectors, np.concatenate(keys), metas, policy, backend)
+    return build_sealed(vectors, np.concatenate(keys), metas, policy, backend, previous=state.sealed)
 
 
 class ShardSet:

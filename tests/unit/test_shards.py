@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from indexer.pipeline import Delete, Item, Upsert
-from indexer.segments import NEVER, IndexPolicy, ItemMeta
+from indexer.segments import NEVER, IndexPolicy, ItemMeta, build_sealed
 from indexer.shards import Shard, ShardSet
 
 DIM = 16
@@ -303,3 +303,24 @@ def test_search_uses_one_openmp_thread_and_gives_the_setting_back(monkeypatch):
         assert faiss.omp_get_max_threads() == 2  # the thread's own setting again
     finally:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
+
+
+def test_an_ivf_rebuild_keeps_its_centroids_until_the_shard_doubles():
+    policy = IndexPolicy(seal_min_rows=100, hnsw_max_rows=100)
+    data = unit_vectors(4000)
+
+    def build(n, previous=None):
+        return build_sealed(data[:n], np.arange(n), metas(range(n)), policy, previous=previous)
+
+    first = build(2000)
+    kept = build(3900, previous=first)  # under twice the rows: the same centroids, every row added
+    assert kept.index.ntotal == 3900
+    np.testing.assert_array_equal(
+        kept.index.quantizer.reconstruct_n(0, kept.index.nlist),
+        first.index.quantizer.reconstruct_n(0, first.index.nlist),
+    )
+    retrained = build(4000, previous=first)  # twice: trained again, with more lists
+    assert retrained.index.nlist > first.index.nlist
+    for segment in (kept, retrained):
+        hits = segment.search(data[:200], 1, NEVER - 1)
+        assert sum(row[0][1].record_id == f"r{i}" for i, row in enumerate(hits)) >= 0.95 * 200
