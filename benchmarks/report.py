@@ -179,7 +179,11 @@ time, then search until it comes back."""
             return fmt(mv[key]) if mv else "not run"
 
         rows = [
-            ["index", f"{ls['index']} + {ls.get('growing_rows', '?'):,} growing rows", m("index")],
+            [
+                "index",
+                f"{ls['index']} + {ls['growing_rows']:,} growing rows" if "growing_rows" in ls else ls["index"],
+                m("index"),
+            ],
             [
                 "insert, rows/s (batches of 2,000)",
                 f"{ls['insert_rows_per_s']:,}",
