@@ -11,6 +11,7 @@ rows deleted at or before ``S``. Readers therefore never lock (see shards.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from indexer import gpu
 
 NEVER = np.iinfo(np.int64).max
+BLOCK_ROWS = 65_536  # rows an index build reads at a time: 320 MB at 1280-d
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,59 @@ def growing_from(
     return segment.with_counts(count=n)
 
 
+@dataclass(frozen=True)
+class RowSource:
+    """Rows to build an index over, read a block at a time.
+
+    A rebuild holds the old index and the new one; gathering every live row
+    into one array first would add a third copy (5 GB at 1M x 1280), so an
+    ANN index takes its rows block by block from the segments instead.
+    """
+
+    #: (reader, rows): ``reader(rows, out)`` fills ``out`` with the vectors of those rows
+    parts: tuple[tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray], ...]
+    dim: int
+
+    @classmethod
+    def of_segments(cls, parts: list[tuple[Segment, np.ndarray]], dim: int) -> RowSource:
+        return cls(tuple((segment.row_vectors, rows) for segment, rows in parts), dim)
+
+    @classmethod
+    def of_array(cls, vectors: np.ndarray) -> RowSource:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+
+        def read(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+            return np.take(vectors, rows, axis=0, out=out)
+
+        return cls(((read, np.arange(len(vectors))),), vectors.shape[1])
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _, rows in self.parts)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The vectors at these ascending positions of all rows, in one new array."""
+        out = np.empty((len(positions), self.dim), np.float32)
+        start = done = 0
+        for read, rows in self.parts:
+            end = start + len(rows)
+            here = positions[np.searchsorted(positions, start) : np.searchsorted(positions, end)]
+            if len(here):
+                read(rows[here - start], out[done : done + len(here)])
+                done += len(here)
+            start = end
+        return out
+
+    def all(self) -> np.ndarray:
+        return self.take(np.arange(len(self)))
+
+    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[np.ndarray]:
+        n = len(self)
+        for start in range(0, n, size):
+            yield self.take(np.arange(start, min(start + size, n)))
+
+
 def build_sealed(
-    vectors: np.ndarray,
+    vectors: np.ndarray | RowSource,
     keys: np.ndarray,
     metas: list[ItemMeta],
     policy: IndexPolicy,
@@ -149,23 +202,24 @@ def build_sealed(
     On the torch-cuda backend every sealed segment is an exact flat one on the
     GPU: a matrix product there is faster than an ANN index on the CPU.
     Runs in the background builder thread; FAISS releases the GIL while it works.
+    An ANN index reads its rows a block at a time (see ``RowSource``).
     An IVF rebuild keeps the ``previous`` segment's centroids while the shard
     has at most twice the rows they were trained for: training (k-means) is
     most of an IVF build, 15 of 18 minutes at 1M x 1280 on one core.
     """
-    n, dim = vectors.shape
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    rows = vectors if isinstance(vectors, RowSource) else RowSource.of_array(vectors)
+    n, dim = len(rows), rows.dim
     deleted = np.full(n, NEVER, np.int64)
     if backend == gpu.NAME:
-        return Segment(
-            "flat", keys.copy(), deleted, list(metas), n, 0, vectors=vectors, gpu=gpu.mirror(vectors, max(n, 1))
-        )
+        flat = rows.all()
+        return Segment("flat", keys.copy(), deleted, list(metas), n, 0, vectors=flat, gpu=gpu.mirror(flat, max(n, 1)))
     if n < policy.seal_min_rows:
-        return Segment("flat", keys.copy(), deleted, list(metas), n, 0, vectors=vectors.copy())
+        return Segment("flat", keys.copy(), deleted, list(metas), n, 0, vectors=rows.all())
     if n <= policy.hnsw_max_rows:
         index = faiss.IndexHNSWFlat(dim, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = policy.hnsw_ef_construction
-        index.add(vectors)
+        for block in rows.blocks():
+            index.add(block)
         params = faiss.SearchParametersHNSW(efSearch=policy.hnsw_ef_search)
         return Segment("hnsw", keys.copy(), deleted, list(metas), n, 0, index=index, search_params=params)
     nlist = int(4 * math.sqrt(n))
@@ -177,8 +231,10 @@ def build_sealed(
         index.is_trained = True
     else:
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors[np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)])
-    index.add(vectors)
+        sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
+        index.train(rows.take(np.sort(sample)))
+    for block in rows.blocks():
+        index.add(block)
     index.make_direct_map()  # for reconstruct() when the segment is rebuilt
     params = faiss.SearchParametersIVF(nprobe=max(8, int(nlist * policy.ivf_nprobe_fraction)))
     return Segment("ivf", keys.copy(), deleted, list(metas), n, 0, index=index, search_params=params)

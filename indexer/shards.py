@@ -54,6 +54,7 @@ from indexer.segments import (
     NEVER,
     IndexPolicy,
     ItemMeta,
+    RowSource,
     Segment,
     build_sealed,
     empty_growing,
@@ -254,20 +255,12 @@ def release_freed_memory() -> None:
 
 
 def build_from_state(state: ShardState, seq: int, policy: IndexPolicy, backend: str = "cpu") -> Segment:
-    """Background job: a sealed segment over every row of ``state`` live at ``seq``.
-
-    The rows go straight into one array (no per-segment copies to concatenate):
-    at 1M x 1280 each copy is 5 GB on top of the old index and the new one.
-    """
+    """Background job: a sealed segment over every row of ``state`` live at ``seq``."""
     live = [(segment, segment.live_rows(seq)) for segment in state.segments]
-    vectors = np.empty((sum(len(rows) for _, rows in live), state.segments[0].dim), np.float32)
-    keys, metas, start = [], [], 0
-    for segment, rows in live:
-        segment.row_vectors(rows, out=vectors[start : start + len(rows)])
-        start += len(rows)
-        keys.append(segment.keys[rows])
-        metas.extend(_take(segment.metas, rows))
-    return build_sealed(vectors, np.concatenate(keys), metas, policy, backend, previous=state.sealed)
+    keys = np.concatenate([segment.keys[rows] for segment, rows in live])
+    metas = list(itertools.chain.from_iterable(_take(segment.metas, rows) for segment, rows in live))
+    rows = RowSource.of_segments(live, state.segments[0].dim)
+    return build_sealed(rows, keys, metas, policy, backend, previous=state.sealed)
 
 
 class ShardSet:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from indexer.pipeline import Delete, Item, Upsert
-from indexer.segments import NEVER, IndexPolicy, ItemMeta, build_sealed
+from indexer.segments import NEVER, IndexPolicy, ItemMeta, RowSource, build_sealed, growing_from
 from indexer.shards import Shard, ShardSet
 
 DIM = 16
@@ -324,3 +324,16 @@ def test_an_ivf_rebuild_keeps_its_centroids_until_the_shard_doubles():
     for segment in (kept, retrained):
         hits = segment.search(data[:200], 1, NEVER - 1)
         assert sum(row[0][1].record_id == f"r{i}" for i, row in enumerate(hits)) >= 0.95 * 200
+
+
+def test_a_row_source_reads_the_chosen_rows_of_several_segments_in_order():
+    data = unit_vectors(1000)
+    sealed = build_sealed(data[:600], np.arange(600), metas(range(600)), IndexPolicy(seal_min_rows=100))
+    growing = growing_from(data[600:], np.arange(600, 1000), metas(range(600, 1000)), 512)
+    chosen = [np.arange(0, 600, 3), np.arange(0, 400, 2)]
+    expected = np.concatenate([data[:600][chosen[0]], data[600:][chosen[1]]])
+    rows = RowSource.of_segments(list(zip((sealed, growing), chosen)), DIM)
+    assert len(rows) == 400
+    np.testing.assert_allclose(np.concatenate(list(rows.blocks(size=64))), expected, atol=1e-6)
+    positions = np.array([0, 199, 200, 399])  # both ends of both parts
+    np.testing.assert_allclose(rows.take(positions), expected[positions], atol=1e-6)
