@@ -244,6 +244,26 @@ def _take(items: list, rows: np.ndarray) -> list:
     return list(operator.itemgetter(*rows.tolist())(items))
 
 
+#: glibc's mallopt(3) parameter: the size from which malloc maps a block of its own
+M_MMAP_THRESHOLD = -3
+#: 32 MiB: the ceiling glibc's moving threshold reaches anyway (on 64-bit)
+MMAP_THRESHOLD_BYTES = 32 << 20
+
+
+def fix_malloc_thresholds() -> None:
+    """Turn off glibc's moving malloc thresholds, so memory a rebuild frees goes back to the OS.
+
+    After a large free glibc raises its mmap threshold, and its trim threshold
+    to twice that (64 MiB), so the builder thread's arena keeps what a build
+    freed; malloc_trim left it resident. At 50,000 x 128 resident memory after
+    50% churn was 1.58x live data with the moving thresholds and 1.14x with
+    this. Setting one threshold fixes both; 32 MiB keeps mid-size blocks on the
+    heap (1 MiB cost index builds about 15% more CPU). Process-wide, idempotent.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def release_freed_memory() -> None:
     """Hand memory freed by a swap back to the OS (glibc keeps freed heap pages otherwise).
 
@@ -282,6 +302,7 @@ class ShardSet:
         self._write_lock = threading.Lock()
         self._builder = ThreadPoolExecutor(1, "lookstream-shard-build", initializer=_leave_a_core_for_queries)
         self.rebuilds = 0
+        fix_malloc_thresholds()
         self.view = View(0, {})
 
     @classmethod
