@@ -129,7 +129,13 @@ class Node:
             return new
 
     def flip_if_caught_up(self) -> bool:
-        """Make the building generation active once it holds everything the active one does."""
+        """Make the building generation active once it holds everything the active one does.
+
+        The retired generation is closed before the lock is let go: a switch
+        straight back to its models joins its consumer group, and a member
+        joining while the old one was still leaving kept the group rebalancing
+        for minutes on the local broker (tests/integration/test_generations.py).
+        """
         with self._switch_lock:
             new = self.building
             if new is None or not new.caught_up_with(self.active):
@@ -137,7 +143,7 @@ class Node:
             old, self.active, self.building = self.active, new, None
             _record_active(self.settings, new.selection)
             log.info("generation %s is active; %s retired", new.id, old.id)
-        old.close()
+            old.close()
         return True
 
     def query(

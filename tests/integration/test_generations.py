@@ -104,3 +104,34 @@ async def test_encoder_switch_under_query_load_has_no_failed_query(aiohttp_clien
         assert restarted.building is not None and restarted.building.models.encoder.name == "efficientnet-lite0"
     finally:
         restarted.close()
+
+
+async def test_switching_straight_back_to_the_retired_models_flips_back(aiohttp_client, topics, tmp_path):
+    """The retired generation's consumer group is the one the switch back joins: it must have left first.
+
+    With the old consumer still leaving while the new one joined, the local
+    broker failed every SyncGroup with "rebalance in progress" for minutes.
+    """
+    settings = Settings.model_validate({**topics.model_dump(), "data_dir": tmp_path / "data"})
+    loop = asyncio.get_running_loop()
+    node = await loop.run_in_executor(None, build_node, settings)
+    await aiohttp_client(create_app(node))  # the app starts ingest and flips generations
+    producer = make_producer(settings.kafka)
+    publish([product(i) for i in range(10)], settings.kafka.topics.products, producer, progress=False)
+    producer.close()
+
+    async def indexed() -> bool:
+        return node.active.shards.records("products") == 10
+
+    await eventually(indexed)
+    original = settings.models
+    for selection in (original.model_copy(update={"classifier": "detector-label"}), original):
+        new = await loop.run_in_executor(None, node.switch, selection)
+        assert new is not None
+
+        async def flipped(new=new) -> bool:
+            return node.active is new
+
+        await eventually(flipped, timeout=60, interval=0.05)  # switch back at once: the old consumer is leaving
+    assert node.active.selection.classifier == original.classifier
+    assert node.active.shards.records("products") == 10
