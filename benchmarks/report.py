@@ -109,8 +109,11 @@ def _ingest(page: Page, data: dict | None) -> None:
         f"""
 Default models ({data["models"]["encoder"]}, {data["models"]["detector"]} detector, batches of
 {data["models"]["batch_size"]}), 320x400 JPEGs, one partition, the local broker. "Bare" is the models alone
-(decode, detect, encode) on the same images; "end to end" is a burst of events published up front until the
-last is searchable. Freshness is each event's producer timestamp to searchable, at a steady 50% and 90% of
+(detect, encode; the images decoded beforehand) on the same images, measured before and after the end-to-end run
+({data["bare_before_and_after"][0]} and {data["bare_before_and_after"][1]} images/s) and averaged; "end to end" is
+a burst of {data["events"]} events published up front, counted in steady state: from the first batch
+searchable to the last event ({data["end_to_end_from_first_sent"]} events/s from the first event sent).
+Freshness is each event's producer timestamp to searchable, at a steady 50% and 90% of
 the end-to-end rate."""
     )
     rows = [
