@@ -52,7 +52,8 @@ def bare_rate(node, data: list[bytes]) -> float:
     pipeline.analyse(decoded[:batch], [{}] * batch)  # warm-up
     started = time.perf_counter()
     for i in range(0, len(decoded), batch):
-        pipeline.analyse(decoded[i : i + batch], [{}] * len(decoded[i : i + batch]))
+        chunk = decoded[i : i + batch]
+        pipeline.analyse(chunk, [{}] * len(chunk))
     return len(decoded) / (time.perf_counter() - started)
 
 
