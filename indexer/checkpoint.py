@@ -16,6 +16,7 @@ in a background thread while the consumer goes on.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import faiss
 import msgpack
 import numpy as np
@@ -57,6 +59,32 @@ def _meta(row: list) -> ItemMeta:
     return ItemMeta(collection, category, record_id, item, tuple(box), label, score, ts, attrs)
 
 
+class _Files:
+    """Writes a checkpoint's files, fsynced, and remembers each one's size and CRC-32C for the manifest."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.sums: dict[str, list[int]] = {}
+
+    def write(self, name: str, data: bytes) -> None:
+        _write(self.directory / name, data)
+        self.sums[name] = [len(data), crc32c.crc32c(data)]
+
+
+def _read(directory: Path, name: str, sums: dict[str, list[int]] | None) -> bytes:
+    """A checkpoint file's bytes, checked against the manifest (checkpoints before checksums are not)."""
+    data = (directory / name).read_bytes()
+    if sums is not None:
+        expected = sums.get(name)
+        if expected is None or expected != [len(data), crc32c.crc32c(data)]:
+            raise CorruptCheckpoint(f"{name} does not match its size and checksum in the manifest")
+    return data
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file is not what was written."""
+
+
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -72,6 +100,7 @@ def write_checkpoint(
     name = f"ckpt-{view.seq:012d}-{time.time_ns()}"
     tmp = root / f".tmp-{name}"
     tmp.mkdir()
+    files = _Files(tmp)
     shards = []
     for n, ((collection, category), state) in enumerate(sorted(view.shards.items())):
         entry: dict[str, Any] = {"collection": collection, "category": category, "id": n}
@@ -80,15 +109,15 @@ def write_checkpoint(
             entry["sealed"] = sealed.kind
             dead = sealed.deleted_at[: sealed.count] <= view.seq
             if sealed.index is not None:
-                _write(tmp / f"{n}.sealed.faiss", faiss.serialize_index(sealed.index).tobytes())
+                files.write(f"{n}.sealed.faiss", faiss.serialize_index(sealed.index).tobytes())
             else:
-                _write(tmp / f"{n}.sealed.npy", _npy(sealed.vectors[: sealed.count]))
-            _write(tmp / f"{n}.sealed.dead.npy", _npy(dead))
-            _write(tmp / f"{n}.sealed.meta", msgpack.packb([_meta_row(m) for m in sealed.metas[: sealed.count]]))
+                files.write(f"{n}.sealed.npy", _npy(sealed.vectors[: sealed.count]))
+            files.write(f"{n}.sealed.dead.npy", _npy(dead))
+            files.write(f"{n}.sealed.meta", msgpack.packb([_meta_row(m) for m in sealed.metas[: sealed.count]]))
         growing = state.growing
         live = growing.live_rows(view.seq)
-        _write(tmp / f"{n}.growing.npy", _npy(growing.vectors[live]))
-        _write(tmp / f"{n}.growing.meta", msgpack.packb([_meta_row(growing.metas[r]) for r in live.tolist()]))
+        files.write(f"{n}.growing.npy", _npy(growing.vectors[live]))
+        files.write(f"{n}.growing.meta", msgpack.packb([_meta_row(growing.metas[r]) for r in live.tolist()]))
         shards.append(entry)
     manifest = {
         "format": FORMAT,
@@ -97,9 +126,11 @@ def write_checkpoint(
         "counters": counters,
         "generation": generation,
         "shards": shards,
+        "files": files.sums,
         "written_at_ms": int(time.time() * 1000),
     }
     _write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _fsync_dir(tmp)  # the files' names are durable before the directory gets its final one
     final = root / name
     os.replace(tmp, final)
     _fsync_dir(root)
@@ -108,11 +139,13 @@ def write_checkpoint(
 
 
 def _npy(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
+
+
+def _npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,52 +171,80 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def load_latest(
-    root: Path, generation: dict[str, Any], policy: IndexPolicy, backend: str = "cpu"
+    root: Path,
+    generation: dict[str, Any],
+    policy: IndexPolicy,
+    backend: str = "cpu",
+    skipped: list[str] | None = None,
 ) -> tuple[Checkpoint, ShardSet] | None:
-    """The newest complete checkpoint of this model generation, with its shards restored."""
+    """The newest readable checkpoint of this model generation, with its shards restored.
+
+    A checkpoint that cannot be read (a damaged file, a disk error) is logged,
+    appended to ``skipped`` as "name: why", and the previous one is tried: the
+    events after it are replayed from Kafka, so falling back loses nothing.
+    """
     for path in reversed(_complete(root)):
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
-            log.warning("skipping checkpoint %s: format %s", path.name, manifest.get("format"))
-            continue
-        if manifest["generation"] != generation:
-            log.warning("skipping checkpoint %s of another model generation %s", path.name, manifest["generation"])
-            continue
-        states = {}
-        for entry in manifest["shards"]:
-            n = entry["id"]
-            sealed = None
-            if "sealed" in entry:
-                dead = np.load(path / f"{n}.sealed.dead.npy")
-                metas = [_meta(r) for r in msgpack.unpackb((path / f"{n}.sealed.meta").read_bytes())]
-                deleted_at = np.where(dead, 0, NEVER).astype(np.int64)
-                keys = np.full(len(metas), -1, np.int64)
-                if entry["sealed"] == "flat":
-                    vectors = np.load(path / f"{n}.sealed.npy")
-                    sealed = Segment("flat", keys, deleted_at, metas, len(metas), int(dead.sum()), vectors=vectors)
-                else:
-                    raw = np.fromfile(path / f"{n}.sealed.faiss", dtype=np.uint8)
-                    sealed = restore_search_params(
-                        Segment(
-                            entry["sealed"],
-                            keys,
-                            deleted_at,
-                            metas,
-                            len(metas),
-                            int(dead.sum()),
-                            index=faiss.deserialize_index(raw),
-                        ),
-                        policy,
-                    )
-            vectors = np.load(path / f"{n}.growing.npy")
-            metas = [_meta(r) for r in msgpack.unpackb((path / f"{n}.growing.meta").read_bytes())]
-            growing = growing_from(vectors, np.full(len(metas), -1, np.int64), metas, 256)
-            states[(entry["collection"], entry["category"])] = (sealed, growing)
-        dim = generation["dim"]
-        shards = ShardSet.restore(dim, policy, states, manifest["seq"], backend)
-        checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
-        log.info("restored checkpoint %s: %d records", path.name, sum(shards.records(c) for c in ("products", "posts")))
-        return checkpoint, shards
+        try:
+            return _load(path, generation, policy, backend)
+        except _NotThisGeneration as e:
+            log.warning("skipping checkpoint %s: %s", path.name, e)
+        except Exception as e:
+            log.error("checkpoint %s cannot be read (%s); falling back to the one before", path.name, e)
+            if skipped is not None:
+                skipped.append(f"{path.name}: {type(e).__name__}: {e}")
+    return None
+
+
+class _NotThisGeneration(Exception):
+    """A complete checkpoint, of another format or model generation: not an error."""
+
+
+def _load(path: Path, generation: dict[str, Any], policy: IndexPolicy, backend: str) -> tuple[Checkpoint, ShardSet]:
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise _NotThisGeneration(f"format {manifest.get('format')}")
+    if manifest["generation"] != generation:
+        raise _NotThisGeneration(f"another model generation {manifest['generation']}")
+    sums = manifest.get("files")
+
+    def read(name: str) -> bytes:
+        return _read(path, name, sums)
+
+    states = {}
+    for entry in manifest["shards"]:
+        n = entry["id"]
+        sealed = None
+        if "sealed" in entry:
+            dead = _npy_load(read(f"{n}.sealed.dead.npy"))
+            metas = [_meta(r) for r in msgpack.unpackb(read(f"{n}.sealed.meta"))]
+            deleted_at = np.where(dead, 0, NEVER).astype(np.int64)
+            keys = np.full(len(metas), -1, np.int64)
+            if entry["sealed"] == "flat":
+                vectors = _npy_load(read(f"{n}.sealed.npy"))
+                sealed = Segment("flat", keys, deleted_at, metas, len(metas), int(dead.sum()), vectors=vectors)
+            else:
+                raw = np.frombuffer(read(f"{n}.sealed.faiss"), dtype=np.uint8)
+                sealed = restore_search_params(
+                    Segment(
+                        entry["sealed"],
+                        keys,
+                        deleted_at,
+                        metas,
+                        len(metas),
+                        int(dead.sum()),
+                        index=faiss.deserialize_index(raw),
+                    ),
+                    policy,
+                )
+        vectors = _npy_load(read(f"{n}.growing.npy"))
+        metas = [_meta(r) for r in msgpack.unpackb(read(f"{n}.growing.meta"))]
+        growing = growing_from(vectors, np.full(len(metas), -1, np.int64), metas, 256)
+        states[(entry["collection"], entry["category"])] = (sealed, growing)
+    dim = generation["dim"]
+    shards = ShardSet.restore(dim, policy, states, manifest["seq"], backend)
+    checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
+    log.info("restored checkpoint %s: %d records", path.name, sum(shards.records(c) for c in ("products", "posts")))
+    return checkpoint, shards
     return None
 
 

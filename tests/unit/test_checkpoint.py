@@ -74,3 +74,27 @@ def test_empty_set_round_trips(tmp_path):
     write_checkpoint(tmp_path, ShardSet(DIM).view, {}, {}, GENERATION)
     _, restored = load_latest(tmp_path, GENERATION, POLICY)
     assert restored.sizes() == [] and restored.search(np.ones(DIM, np.float32), 3, "products") == []
+
+
+@pytest.mark.parametrize("damage", ["flip-a-byte", "truncate", "remove", "bad-manifest"])
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, populated, damage):
+    shards, data = populated
+    older = write_checkpoint(tmp_path, shards.view, {"t/0": 5}, {}, GENERATION)
+    shards.apply([upsert("p-new", [data[1]])])
+    newest = write_checkpoint(tmp_path, shards.view, {"t/0": 6}, {}, GENERATION)
+    victim = max((p for p in newest.path.iterdir() if p.suffix == ".faiss"), key=lambda p: p.stat().st_size)
+    if damage == "flip-a-byte":
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:100])
+    elif damage == "remove":
+        victim.unlink()
+    else:
+        (newest.path / "manifest.json").write_text("{not json")
+    skipped: list[str] = []
+    checkpoint, restored = load_latest(tmp_path, GENERATION, POLICY, skipped=skipped)
+    assert checkpoint.path == older.path and checkpoint.offsets == {"t/0": 5}
+    assert len(skipped) == 1 and skipped[0].startswith(newest.path.name)
+    assert restored.records("products") == 290  # without p-new: Kafka replays it from offset 5
