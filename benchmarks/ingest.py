@@ -86,7 +86,7 @@ def main() -> None:
         node = build_node(settings, durable=True)
         bare_before = bare_rate(node, data)
         print(f"bare models: {bare_before:.1f} images/s", flush=True)
-        node.observe_freshness(lambda seconds: freshness.append((time.time(), seconds)))
+        node.observe_freshness(lambda seconds, phase: freshness.append((time.time(), seconds)))
         node.start_ingest()
         while not node.active.consumer.assigned.is_set():
             time.sleep(0.05)

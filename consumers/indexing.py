@@ -18,9 +18,22 @@ partition to the offset the checkpoint holds; a partition the checkpoint does
 not know is replayed from the beginning, because its events are not in the
 shards. Kafka's committed offsets are never ahead of a durable checkpoint.
 
-If step 2 or 3 fails (broker down, model error), the consumer seeks back to
-the applied offsets and retries the batch after a pause. Without a
-checkpointer (tests of the API alone) offsets are committed after each batch.
+Failures (docs/reliability.md):
+
+* one event's failure is that event's alone: the pipeline turns it into a
+  dead letter with a reason kind (:class:`~indexer.failures.Reason`);
+* a batch that fails as a whole for a reason that is not an event's (the
+  dead-letter send refused, out of memory, models failing on every event) is
+  retried from the applied offsets with exponential backoff; nothing is
+  committed meanwhile and nothing is dead-lettered for it;
+* an exception that escapes the loop itself (the client, a poll) is logged and
+  counted, and the loop is rebuilt with backoff. ``/readyz`` turns 503 after
+  ``ingest.unready_after_failures`` failures in a row; a failure streak that
+  lasts ``ingest.give_up_after_s`` without a successful poll (transient batch
+  failures such as a broker outage excepted) stops the consumer for good, and
+  ``lookstream up`` exits non-zero so that a supervisor restarts it.
+
+Without a checkpointer (tests of the API alone) offsets are committed after each batch.
 """
 
 from __future__ import annotations
@@ -36,9 +49,11 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from consumers.health import ConsumerHealth
 from indexer.checkpoint import Checkpointer
-from indexer.config import KafkaSettings
+from indexer.config import IngestSettings, KafkaSettings
 from indexer.events import InvalidEvent, decode_event, now_ms
+from indexer.failures import Reason, describe, is_transient
 from indexer.pipeline import Delete, Pipeline, Rejected, Upsert
 from indexer.shards import ShardSet
 from indexer.stats import IngestStats
@@ -46,18 +61,34 @@ from indexer.thumbnails import ThumbnailStore, store_thumbnails
 
 log = logging.getLogger(__name__)
 
+#: The reason kind, one of :class:`~indexer.failures.Reason`.
 REASON_HEADER = "lookstream.reason"
+#: What exactly went wrong, in words (free text: never a metric label).
+DETAIL_HEADER = "lookstream.reason-detail"
 SOURCE_HEADER = "lookstream.source"
 #: On a dead letter whose value was too large to forward: the dropped value's size in bytes.
 DROPPED_HEADER = "lookstream.dropped-bytes"
-RETRY_PAUSE_S = 1.0
+MAX_DETAIL_BYTES = 1024
 
 
 @dataclass(frozen=True)
 class DeadLetter:
     record: ConsumerRecord
-    reason: str
+    kind: Reason
+    detail: str
     keep_value: bool = True  # False for a value too large to forward: only its headers and size go on
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        record = self.record
+        headers = [
+            *(record.headers or []),
+            (REASON_HEADER, self.kind.value.encode()),
+            (DETAIL_HEADER, self.detail.encode()[:MAX_DETAIL_BYTES]),
+            (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ]
+        if not self.keep_value:
+            headers.append((DROPPED_HEADER, str(len(record.value or b"")).encode()))
+        return headers
 
 
 class _CheckpointingListener(ConsumerRebalanceListener):
@@ -75,11 +106,7 @@ class _CheckpointingListener(ConsumerRebalanceListener):
             self.owner.checkpoint()
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        for tp in assigned:
-            if tp in self.owner.applied:
-                self.consumer.seek(tp, self.owner.applied[tp])
-            else:
-                self.consumer.seek_to_beginning(tp)
+        self.owner._seek_to_applied(self.consumer, assigned)
         log.info("assigned partitions: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
 
@@ -93,8 +120,12 @@ class IndexingConsumer:
         checkpointer: Checkpointer | None = None,
         restored_offsets: dict[str, int] | None = None,
         thumbnails: ThumbnailStore | None = None,
+        ingest: IngestSettings | None = None,
     ) -> None:
         self.kafka = kafka
+        self.health = ConsumerHealth(ingest or IngestSettings())
+        #: events produced before this moment are replays (a restart, a new generation), not live
+        self.started_ms = now_ms()
         self.pipeline = pipeline
         self.shards = shards
         self.stats = stats
@@ -130,6 +161,20 @@ class IndexingConsumer:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop``; rebuild the client with backoff whenever the loop itself fails."""
+        while not stop.is_set():
+            try:
+                self._consume(stop)
+                return
+            except Exception as e:
+                delay = self.health.failed("loop", describe(e), counts_towards_giving_up=True)
+                if self.health.should_give_up():
+                    log.error("the consumer gives up: %s", self.health.give_up(), exc_info=e)
+                    return
+                log.exception("the consumer loop failed; restarting it in %.0f s", delay)
+                stop.wait(delay)
+
+    def _consume(self, stop: threading.Event) -> None:
         consumer = KafkaConsumer(
             bootstrap_servers=self.kafka.bootstrap_servers,
             group_id=self.kafka.group_id,
@@ -142,43 +187,61 @@ class IndexingConsumer:
             fetch_max_bytes=max(self.kafka.max_message_bytes, 50 * 1024 * 1024),
             max_partition_fetch_bytes=self.kafka.max_message_bytes,
         )
-        producer = KafkaProducer(
-            bootstrap_servers=self.kafka.bootstrap_servers,
-            client_id="lookstream-dead-letter",
-            acks="all",
-            enable_idempotence=self.kafka.enable_idempotence,
-            max_request_size=self.kafka.max_message_bytes + 64 * 1024,
-        )
-        consumer.subscribe(
-            [self.kafka.topics.products, self.kafka.topics.posts],
-            listener=_CheckpointingListener(self, consumer),
-        )
         try:
+            producer = KafkaProducer(
+                bootstrap_servers=self.kafka.bootstrap_servers,
+                client_id="lookstream-dead-letter",
+                acks="all",
+                enable_idempotence=self.kafka.enable_idempotence,
+                max_request_size=self.kafka.max_message_bytes + 64 * 1024,
+            )
+        except Exception:
+            consumer.close(autocommit=False)
+            raise
+        try:
+            consumer.subscribe(
+                [self.kafka.topics.products, self.kafka.topics.posts],
+                listener=_CheckpointingListener(self, consumer),
+            )
             while not stop.is_set():
                 batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
-                self.heartbeat_age_s = _heartbeat_age(consumer)
-                if consumer.assignment():
-                    self.assigned.set()
-                    self.lag = self._lag(consumer)
+                self._after_poll(consumer)
                 records = [record for part in batch.values() for record in part]
                 try:
                     if records:
                         self._index(records, producer)
+                        self.health.progressed()
                         if self.checkpointer is None:
                             self._commit(consumer, self._last_offsets(records))
                     self.shards.maintain()
                     self._checkpoint_on_schedule(consumer)
                     self._answer_checkpoint_requests(consumer)
+                    if records:
+                        self.health.succeeded()
                 except Exception as e:
-                    log.exception("batch failed; retrying from the last applied offsets")
-                    self.stats.record_error(f"{type(e).__name__}: {e}")
-                    self._rewind(consumer, batch.keys())
-                    stop.wait(RETRY_PAUSE_S)
+                    transient = is_transient(e)
+                    delay = self.health.failed("batch", describe(e), counts_towards_giving_up=not transient)
+                    log.exception("batch failed; retrying from the last applied offsets in %.0f s", delay)
+                    self.stats.record_error(describe(e))
+                    self._seek_to_applied(consumer, batch.keys())
+                    if self.health.should_give_up():
+                        raise
+                    stop.wait(delay)
             if self.checkpointer is not None and consumer.assignment():
                 self.checkpoint_and_commit(consumer)
         finally:
             consumer.close(autocommit=False)
             producer.close(timeout=5)
+
+    def _after_poll(self, consumer: KafkaConsumer) -> None:
+        """A poll returned: the loop works. Refresh what /readyz and /metrics read."""
+        self.health.succeeded("loop")  # a failing batch keeps its own streak
+        self.heartbeat_age_s = _heartbeat_age(consumer)
+        if consumer.assignment():
+            self.assigned.set()
+            self.lag = self._lag(consumer)
+            if not any(self.lag.values()):
+                self.health.progressed()  # nothing waits: not a stall
 
     def request_checkpoint(self) -> Future:
         """Ask the consumer thread for a checkpoint of the current moment (the admin snapshot route)."""
@@ -257,15 +320,20 @@ class IndexingConsumer:
         for record in records:
             size = len(record.value or b"")
             if size > self.kafka.max_message_bytes:
-                reason = f"message of {size} bytes is over the {self.kafka.max_message_bytes} byte limit"
-                dead.append(DeadLetter(record, reason, keep_value=False))
+                detail = f"message of {size} bytes is over the {self.kafka.max_message_bytes} byte limit"
+                dead.append(DeadLetter(record, Reason.MESSAGE_TOO_LARGE, detail, keep_value=False))
                 continue
             try:
                 event = decode_event(record.value)
-                if event.collection != self.collection_of_topic[record.topic]:
-                    raise InvalidEvent(f"{event.type} event does not belong on topic {record.topic}")
             except InvalidEvent as e:
-                dead.append(DeadLetter(record, str(e)))
+                dead.append(DeadLetter(record, Reason.BAD_ENVELOPE, str(e)))
+                continue
+            except Exception as e:  # msgpack or validation raising what it should not: still this event's fault
+                dead.append(DeadLetter(record, Reason.BAD_ENVELOPE, describe(e)))
+                continue
+            if event.collection != self.collection_of_topic[record.topic]:
+                detail = f"{event.type} event does not belong on topic {record.topic}"
+                dead.append(DeadLetter(record, Reason.WRONG_TOPIC, detail))
                 continue
             events.append(event)
             sources.append(record)
@@ -273,7 +341,7 @@ class IndexingConsumer:
         ops: list[Upsert | Delete] = []
         for record, outcome in zip(sources, self.pipeline.process(events), strict=True):
             if isinstance(outcome, Rejected):
-                dead.append(DeadLetter(record, outcome.reason))
+                dead.append(DeadLetter(record, outcome.kind, outcome.detail))
             else:
                 ops.append(outcome)
 
@@ -288,37 +356,39 @@ class IndexingConsumer:
             consumed=len(records),
             indexed=sum(isinstance(op, Upsert) for op in ops),
             deleted=sum(isinstance(op, Delete) for op in ops),
-            rejected=[d.reason for d in dead],
+            rejected=[d.kind for d in dead],
             offsets={f"{tp.topic}/{tp.partition}": offset for tp, offset in offsets.items()},
-            # from each event's producer timestamp to now: how stale the index was
-            freshness_ms=[searchable_at - op.ts for op in ops],
+            # from each event's producer timestamp to now: how stale the index was; events
+            # produced before this consumer started are replays and counted apart
+            freshness_ms=[(searchable_at - op.ts, op.ts < self.started_ms) for op in ops],
         )
 
     def _send_dead_letters(self, dead: list[DeadLetter], producer: KafkaProducer) -> None:
+        """Send and wait for the broker's acknowledgement: a batch counts as applied only after it."""
         if not dead:
             return
         futures = []
         for letter in dead:
             record = letter.record
-            log.warning("dead-lettering %s/%d@%d: %s", record.topic, record.partition, record.offset, letter.reason)
-            headers = [
-                *(record.headers or []),
-                (REASON_HEADER, letter.reason.encode()),
-                (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
-            ]
-            if not letter.keep_value:
-                headers.append((DROPPED_HEADER, str(len(record.value or b"")).encode()))
-            futures.append(
-                producer.send(
-                    self.kafka.topics.dead_letter,
-                    key=record.key,
-                    value=record.value if letter.keep_value else None,
-                    headers=headers,
-                )
+            log.warning(
+                "dead-lettering %s/%d@%d (%s): %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                letter.kind,
+                letter.detail,
             )
-        producer.flush()
-        for future in futures:
-            future.get(timeout=0)  # raises if the broker refused it: then nothing is committed
+            value = record.value if letter.keep_value else None
+            futures.append(
+                producer.send(self.kafka.topics.dead_letter, key=record.key, value=value, headers=letter.headers())
+            )
+        try:
+            producer.flush()
+            for future in futures:
+                future.get(timeout=0)  # raises if the broker refused it: then nothing is committed
+        except Exception:
+            self.health.failures["dead-letter"] += 1
+            raise
 
     @staticmethod
     def _last_offsets(records: list[ConsumerRecord]) -> dict[TopicPartition, int]:
@@ -328,8 +398,8 @@ class IndexingConsumer:
             offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
         return offsets
 
-    def _rewind(self, consumer: KafkaConsumer, partitions) -> None:
-        """Back to the applied offsets (or the beginning, for partitions with nothing applied)."""
+    def _seek_to_applied(self, consumer: KafkaConsumer, partitions) -> None:
+        """To the applied offsets (or the beginning, for partitions with nothing applied)."""
         for tp in partitions:
             if tp in self.applied:
                 consumer.seek(tp, self.applied[tp])

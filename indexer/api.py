@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 RELOAD = web.AppKey("reload", object)
 CONSUMING = web.AppKey("consuming", bool)
+#: Called once, on the event loop, with the reason when ingestion stops for good.
+ON_FATAL = web.AppKey("on_fatal", Callable[[str], None])
 FLIP_CHECK_S = 0.5
 
 
@@ -86,12 +88,19 @@ async def readyz(request: web.Request) -> web.Response:
     consumer = node.active.consumer
     reasons = []
     if request.app[CONSUMING]:
-        if consumer is None or not consumer.assigned.is_set():
-            reasons.append("the consumer has no partitions yet")
-        elif (consumer.heartbeat_age_s or 0) * 1000 > node.settings.kafka.session_timeout_ms:
-            reasons.append(f"no heartbeat to the Kafka group for {consumer.heartbeat_age_s:.0f} s: broker unreachable?")
-        elif consumer.lag and max(consumer.lag.values()) > node.settings.api.ready_max_lag:
-            reasons.append(f"consumer lag {max(consumer.lag.values())} is above {node.settings.api.ready_max_lag}")
+        if consumer is None:
+            reasons.append("the consumer has not started")
+        else:
+            reasons += consumer.health.problems(waiting=sum(consumer.lag.values()))
+            if not consumer.running and not consumer.health.gave_up:
+                reasons.append("the consumer thread has stopped")
+            elif not consumer.assigned.is_set():
+                reasons.append("the consumer has no partitions yet")
+            elif (consumer.heartbeat_age_s or 0) * 1000 > node.settings.kafka.session_timeout_ms:
+                age = consumer.heartbeat_age_s
+                reasons.append(f"no heartbeat to the Kafka group for {age:.0f} s: broker unreachable?")
+            elif consumer.lag and max(consumer.lag.values()) > node.settings.api.ready_max_lag:
+                reasons.append(f"consumer lag {max(consumer.lag.values())} is above {node.settings.api.ready_max_lag}")
     if reasons:
         return web.json_response({"ready": False, "reasons": reasons}, status=503)
     return web.json_response({"ready": True, "reasons": []})
@@ -115,9 +124,16 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 def create_app(
-    node: Node, *, consume: bool = True, reload_settings: Callable[[], Settings] | None = None
+    node: Node,
+    *,
+    consume: bool = True,
+    reload_settings: Callable[[], Settings] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> web.Application:
     """The query app; ``consume`` runs the node's consumers for the app's lifetime.
+
+    ``on_fatal`` is called if ingestion stops for good (the consumer gave up);
+    by default it ends ``web.run_app``, and the CLI then exits non-zero.
 
     ``reload_settings`` (the CLI passes one that re-reads the config file) is
     called on SIGHUP: new model settings start a new generation.
@@ -128,6 +144,7 @@ def create_app(
     app[NODE] = node
     app[METRICS] = Metrics(node)
     app[CONSUMING] = consume
+    app[ON_FATAL] = on_fatal or _stop_running_app
     app.router.add_post("/search", search)
     app.router.add_post("/search/vector", search_vector)
     app.router.add_get("/items/{id}", item)
@@ -153,9 +170,9 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     """Run the consumers in their threads, and flip generations once a new one has caught up."""
     node = app[NODE]
     loop = asyncio.get_running_loop()
-    node.observe_freshness(app[METRICS].freshness.observe)
+    node.observe_freshness(app[METRICS].observe_freshness)
     await loop.run_in_executor(None, node.start_ingest)
-    watcher = asyncio.create_task(_flip_when_caught_up(node))
+    watcher = asyncio.create_task(_watch_generations(node, app[ON_FATAL]))
     yield
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -163,12 +180,26 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     await loop.run_in_executor(None, node.stop_ingest)
 
 
-async def _flip_when_caught_up(node: Node) -> None:
+async def _watch_generations(node: Node, on_fatal: Callable[[str], None]) -> None:
+    """Flip to a generation that has caught up; report ingestion that gave up for good."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(FLIP_CHECK_S)
+        if node.fatal is not None:
+            log.error("ingestion stopped for good: %s", node.fatal)
+            on_fatal(node.fatal)
+            return
         if node.building is not None:
             await loop.run_in_executor(None, node.flip_if_caught_up)
+
+
+def _stop_running_app(reason: str) -> None:
+    """End ``web.run_app``: GracefulExit is a SystemExit, which a loop callback lets through."""
+
+    def stop() -> None:
+        raise web.GracefulExit()
+
+    asyncio.get_running_loop().call_soon(stop)
 
 
 async def _reload_on_sighup(app: web.Application) -> None:

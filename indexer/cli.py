@@ -17,7 +17,7 @@ config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="TOML settings file (see docs/configuration.md).",
+    help="TOML settings file (every setting is in indexer/config.py; see README, Configuration).",
 )
 
 
@@ -93,6 +93,8 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
             port=settings.api.port,
             print=lambda _: click.echo(f"lookstream API on {url}  (Ctrl-C to stop)"),
         )
+        if node.fatal is not None:  # the app stopped itself: ingestion cannot recover here
+            raise click.ClickException(f"ingestion stopped: {node.fatal}")
     finally:
         if broker is not None:
             click.echo("stopping the local broker")

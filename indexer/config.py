@@ -42,6 +42,10 @@ class KafkaSettings(BaseModel):
     poll_timeout_ms: int = Field(1000, ge=100)
     max_poll_records: int = Field(64, ge=1)
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # Topics this node creates: replication factor, and the dead-letter topic's largest message
+    # (the largest event plus the reason headers).
+    replication_factor: int = Field(1, ge=1)
+    dead_letter_max_message_bytes: int = Field(11 * 1024 * 1024, ge=1024)
     # The idempotent producer lost acknowledged messages across Tansu restarts;
     # upserts absorb the rare duplicate a non-idempotent producer may write.
     enable_idempotence: bool = False
@@ -80,15 +84,53 @@ class ApiSettings(BaseModel):
 
 
 class ImageSettings(BaseModel):
+    """How images are read and decoded; the limits that keep one event from exhausting a node."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # PIL raises DecompressionBombError above twice this many pixels and warns above it.
+    # Refused above this many pixels, read from the header before anything is decoded.
     max_pixels: int = Field(40_000_000, ge=1)
-    # Directories a `file://` image_uri may point into; empty refuses every file URI.
+    # Images are downscaled while decoding (JPEG draft mode) or right after it to at most this
+    # many pixels on the longer side: more than any built-in model looks at (DETR's 1333).
+    # Boxes are reported in the original image's pixels.
+    decode_max_side: int = Field(1600, ge=64)
+    # Decoded pixels one batch holds at once; a batch is decoded and analysed in chunks within it.
+    max_batch_pixels: int = Field(50_000_000, ge=1)
+    # An image read from an image_uri (file or http) larger than this is refused.
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Directories a `file://` image_uri may point into; only regular files are read. Empty refuses every file URI.
     file_roots: tuple[Path, ...] = ()
-    # Hosts ("host" or "host:port") an `http(s)://` image_uri may be fetched from; empty refuses all.
+    # Hosts an `http(s)://` image_uri may be fetched from: "host" allows ports 80 and 443 only,
+    # "host:port" that port. Empty refuses every http(s) URI.
     http_hosts: tuple[str, ...] = ()
+    # One deadline for a whole fetch (connect, headers and body), per attempt.
     http_timeout_s: float = Field(5.0, gt=0)
+    # Attempts per fetch; timeouts, 5xx answers and reset connections are retried with backoff.
+    http_attempts: int = Field(3, ge=1)
+    # Fetches of one batch in flight at once.
+    http_concurrency: int = Field(16, ge=1)
+    # Allow http_hosts that resolve to loopback, private, link-local or other non-public addresses.
+    http_allow_private_addresses: bool = False
+
+
+class IngestSettings(BaseModel):
+    """How the consumer handles failures that are not one event's fault (docs/reliability.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A batch the models fail on is tried this many times before it is split in halves
+    # to find the event that fails (which is then dead-lettered).
+    model_attempts: int = Field(2, ge=1)
+    # Backoff between retries of a failed batch or a restarted consumer loop: doubles up to the cap.
+    retry_backoff_s: float = Field(1.0, gt=0)
+    retry_backoff_max_s: float = Field(30.0, gt=0)
+    # /readyz answers 503 after this many consecutive failures of the consumer loop or of a batch.
+    unready_after_failures: int = Field(3, ge=1)
+    # `lookstream up` exits non-zero when the consumer loop has failed for this long without a
+    # successful poll in between (a supervisor then restarts it).
+    give_up_after_s: float = Field(300.0, gt=0)
+    # /readyz answers 503 when nothing was applied for this long while messages are waiting.
+    stall_after_s: float = Field(120.0, gt=0)
 
 
 class ShardSettings(BaseModel):
@@ -112,6 +154,7 @@ class Settings(BaseModel):
     models: ModelSettings = ModelSettings()
     api: ApiSettings = ApiSettings()
     images: ImageSettings = ImageSettings()
+    ingest: IngestSettings = IngestSettings()
     shards: ShardSettings = ShardSettings()
     disabled_plugins: tuple[str, ...] = ()
 

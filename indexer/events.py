@@ -80,7 +80,7 @@ def decode_event(payload: bytes | None) -> Event:
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as e:
-        raise InvalidEvent(f"not msgpack: {e}") from e
+        raise InvalidEvent(f"not msgpack: {e or type(e).__name__}") from e
     if not isinstance(body, dict):
         raise InvalidEvent(f"envelope must be a msgpack map, got {type(body).__name__}")
 

@@ -23,7 +23,6 @@ from consumers.indexing import IndexingConsumer
 from indexer import gpu
 from indexer.checkpoint import Checkpointer, load_latest
 from indexer.config import ModelSettings, Settings
-from indexer.images import UriPolicy
 from indexer.pipeline import Pipeline
 from indexer.segments import IndexPolicy
 from indexer.shards import ShardSet
@@ -33,11 +32,6 @@ from plugins.manager import Models, build_plugin_manager, load_models, resolve_d
 from plugins.models import ModelContext
 
 log = logging.getLogger(__name__)
-
-
-def uri_policy(settings: Settings) -> UriPolicy:
-    images = settings.images
-    return UriPolicy(images.file_roots, images.http_hosts, images.http_timeout_s, settings.kafka.max_message_bytes)
 
 
 def load(settings: Settings, selection: ModelSettings) -> Models:
@@ -86,6 +80,9 @@ class Generation:
     checkpointer: Checkpointer | None = None
     #: "topic/partition" -> next offset, for what the restored checkpoint holds
     restored_offsets: dict[str, int] = field(default_factory=dict)
+    #: the checkpoint the shards were restored from, and the newer ones that could not be read
+    restored_from: str | None = None
+    skipped_checkpoints: list[str] = field(default_factory=list)
     consumer: IndexingConsumer | None = None
 
     @classmethod
@@ -95,7 +92,10 @@ class Generation:
         """Empty shards for these models; with ``durable``, restored from this generation's newest checkpoint."""
         selection = selection or settings.models
         pipeline = Pipeline(
-            models, batch_size=selection.batch_size, max_pixels=settings.images.max_pixels, uris=uri_policy(settings)
+            models,
+            settings.images,
+            batch_size=selection.batch_size,
+            model_attempts=settings.ingest.model_attempts,
         )
         s = settings.shards
         policy = IndexPolicy(
@@ -109,9 +109,10 @@ class Generation:
         if durable:
             root = settings.data_dir / "checkpoints" / generation.id
             generation.checkpointer = Checkpointer(root, ident, s.checkpoint_interval_s)
-            restored = load_latest(root, ident, policy, backend)
+            restored = load_latest(root, ident, policy, backend, generation.skipped_checkpoints)
             if restored is not None:
                 checkpoint, generation.shards = restored
+                generation.restored_from = checkpoint.path.name
                 generation.stats.restore(checkpoint.counters)
                 generation.restored_offsets = checkpoint.offsets
         return generation
@@ -122,7 +123,14 @@ class Generation:
     def start_consumer(self, settings: Settings, thumbnails: ThumbnailStore | None = None) -> None:
         kafka = settings.kafka.model_copy(update={"group_id": f"{settings.kafka.group_id}.{self.id}"})
         self.consumer = IndexingConsumer(
-            kafka, self.pipeline, self.shards, self.stats, self.checkpointer, self.restored_offsets, thumbnails
+            kafka,
+            self.pipeline,
+            self.shards,
+            self.stats,
+            self.checkpointer,
+            self.restored_offsets,
+            thumbnails,
+            settings.ingest,
         )
         self.consumer.start()
 
@@ -153,11 +161,14 @@ class Generation:
             "consumer": {
                 "running": self.consumer is not None and self.consumer.running,
                 "assigned": self.consumer is not None and self.consumer.assigned.is_set(),
+                **(self.consumer.health.snapshot() if self.consumer is not None else {}),
             },
+            "checkpoint": {"restored_from": self.restored_from, "skipped": list(self.skipped_checkpoints)},
         }
 
     def close(self) -> None:
         self.stop_consumer()
+        self.pipeline.close()
         self.shards.close()
         if self.checkpointer is not None:
             self.checkpointer.close()

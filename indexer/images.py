@@ -1,4 +1,4 @@
-"""Turn image bytes or an ``image_uri`` into an RGB PIL image, or say why not.
+"""Turn image bytes into an RGB PIL image of bounded size, or say why not.
 
 Every image that reaches a model went through :func:`decode_image`, so models
 can rely on 8-bit RGB. Odd but valid inputs (CMYK, 16-bit, alpha, palette,
@@ -8,26 +8,54 @@ animation) are converted; broken or hostile ones raise :class:`InvalidImage`.
 from __future__ import annotations
 
 import io
-import urllib.error
-import urllib.request
+import math
+import struct
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from indexer.failures import Reason, Rejection
+
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+ORIENTATION_TAG = 0x0112
 
 
-class InvalidImage(ValueError):
+class InvalidImage(Rejection):
     """The image cannot be used; the message is the reason shown to the sender."""
 
+    def __init__(self, detail: str, kind: Reason = Reason.IMAGE_UNDECODABLE) -> None:
+        super().__init__(kind, detail)
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode JPEG/PNG/WebP bytes into an RGB image no larger than ``max_pixels``."""
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image ready for the models, and the size it had before it was scaled down."""
+
+    image: Image.Image  # 8-bit RGB, at most ``max_side`` pixels on the longer side
+    original_size: tuple[int, int]  # width, height after EXIF orientation
+
+    def to_original(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """A box in the decoded image's pixels, in the original image's pixels."""
+        if self.image.size == self.original_size:
+            return box
+        sx = self.original_size[0] / self.image.width
+        sy = self.original_size[1] / self.image.height
+        x0, y0, x1, y1 = box
+        return (round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy))
+
+
+def decode(data: bytes, max_pixels: int, max_side: int | None = None) -> Decoded:
+    """Decode JPEG/PNG/WebP bytes into RGB, refusing more than ``max_pixels`` before decoding.
+
+    With ``max_side``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4,
+    1/8) that still covers it (draft mode: a 24 Mpx photo never exists at full
+    size in memory) and any image is then scaled down to fit, so the memory a
+    decoded image holds is bounded by ``max_side`` rather than by what a
+    producer sent. Raises :class:`InvalidImage` with the reason.
+    """
     if not data:
-        raise InvalidImage("empty image")
+        raise InvalidImage("empty image", Reason.IMAGE_UNDECODABLE)
     try:
         with warnings.catch_warnings():
             # PIL warns between max_pixels and 2x; we refuse at max_pixels instead.
@@ -35,17 +63,35 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         width, height = image.size
         if width * height > max_pixels:
-            raise InvalidImage(f"image of {width}x{height} pixels is over the limit of {max_pixels}")
+            raise InvalidImage(
+                f"image of {width}x{height} pixels is over the limit of {max_pixels}", Reason.IMAGE_TOO_LARGE
+            )
+        if max_side is not None and image.format == "JPEG" and max(width, height) > max_side:
+            scale = max_side / max(width, height)
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
+        # EXIF orientations 5-8 turn the image a quarter: width and height swap.
+        if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+            width, height = height, width
         image = ImageOps.exif_transpose(image) or image
     except InvalidImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise InvalidImage(f"not a JPEG, PNG or WebP image: {e}") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit, refused by Image.open
+        raise InvalidImage(f"image is over the pixel limit: {e}", Reason.IMAGE_TOO_LARGE) from e
+    except UnidentifiedImageError as e:
+        raise InvalidImage(f"not a JPEG, PNG or WebP image: {e}", Reason.IMAGE_UNDECODABLE) from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         # Truncated or corrupt data surfaces as OSError from load().
-        raise InvalidImage(f"corrupt image: {e}") from e
-    return to_rgb(image)
+        raise InvalidImage(f"corrupt image: {e}", Reason.IMAGE_UNDECODABLE) from e
+    image = to_rgb(image)
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return Decoded(image, (width, height))
+
+
+def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> Image.Image:
+    """The decoded RGB image alone (see :func:`decode`)."""
+    return decode(data, max_pixels, max_side).image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -62,64 +108,3 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     return image.convert("RGB")
-
-
-@dataclass(frozen=True)
-class UriPolicy:
-    """Where an ``image_uri`` may point: directories for ``file://``, hosts for ``http(s)://``."""
-
-    file_roots: tuple[Path, ...] = ()
-    http_hosts: tuple[str, ...] = ()  # "host" or "host:port", exact; nothing else is fetched (no SSRF)
-    timeout_s: float = 5.0
-    max_bytes: int = 20 * 1024 * 1024
-
-
-def read_image_uri(uri: str, policy: UriPolicy) -> bytes:
-    """Read the bytes an ``image_uri`` points at, within the policy."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return _read_file(uri, parsed, policy.file_roots)
-    if parsed.scheme in ("http", "https"):
-        return _fetch(uri, parsed, policy)
-    raise InvalidImage(f"image_uri scheme {parsed.scheme!r} is not supported (file, http, https)")
-
-
-def _read_file(uri: str, parsed, file_roots: tuple[Path, ...]) -> bytes:
-    """Only inside ``file_roots``; paths are resolved (symlinks, ``..``) before the check."""
-    if parsed.netloc not in ("", "localhost"):
-        raise InvalidImage(f"file URI with host {parsed.netloc!r} is not allowed")
-    if not file_roots:
-        raise InvalidImage("file:// image_uri refused: no images.file_roots are configured")
-    path = Path(unquote(parsed.path)).resolve()
-    if not any(path.is_relative_to(root.resolve()) for root in file_roots):
-        raise InvalidImage(f"image_uri {uri!r} is outside the configured file roots")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise InvalidImage(f"cannot read image_uri {uri!r}: {e.strerror}") from e
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise InvalidImage(f"image_uri redirects to {newurl!r}; redirects are not followed")
-
-
-def _fetch(uri: str, parsed, policy: UriPolicy) -> bytes:
-    """GET from an allowed host only: no redirects, a timeout and a size cap."""
-    host = parsed.hostname or ""
-    netloc = f"{host}:{parsed.port}" if parsed.port else host
-    if host not in policy.http_hosts and netloc not in policy.http_hosts:
-        raise InvalidImage(f"image_uri host {netloc!r} is not in images.http_hosts")
-    opener = urllib.request.build_opener(_NoRedirects)
-    try:
-        with opener.open(urllib.request.Request(uri, headers={"Accept": "image/*"}), timeout=policy.timeout_s) as r:
-            data = r.read(policy.max_bytes + 1)
-    except InvalidImage:
-        raise
-    except urllib.error.HTTPError as e:
-        raise InvalidImage(f"image_uri {uri!r} answered {e.code}") from e
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise InvalidImage(f"cannot fetch image_uri {uri!r}: {e}") from e
-    if len(data) > policy.max_bytes:
-        raise InvalidImage(f"image_uri {uri!r} is larger than {policy.max_bytes} bytes")
-    return data

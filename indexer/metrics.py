@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from indexer.node import Node
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Freshness is live for events newer than the consumer of the active generation, catch-up for replays.
+FRESHNESS_PHASES = ("live", "catch-up")
 
 
 class _NodeCollector:
@@ -45,6 +47,16 @@ class _NodeCollector:
         for (topic, partition), value in consumer.lag.items() if consumer is not None else ():
             lag.add_metric([topic, str(partition)], value)
         yield lag
+        failures = CounterMetricFamily(
+            "lookstream_consumer_failures",
+            "consumer failures: loop (the client was rebuilt), batch (retried with backoff), "
+            "dead-letter (the broker refused a dead letter; the batch was retried)",
+            labels=["what"],
+        )
+        if consumer is not None:
+            for what, count in consumer.health.failures.items():
+                failures.add_metric([what], count)
+        yield failures
         vectors = GaugeMetricFamily(
             "lookstream_shard_vectors", "live vectors per shard", labels=["collection", "category"]
         )
@@ -58,10 +70,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.freshness = Histogram(
             "lookstream_freshness_seconds",
-            "event timestamp to searchable",
+            "event timestamp to searchable; phase: live, or catch-up for replays (a restart, a new generation)",
+            labelnames=["phase"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
             registry=self.registry,
         )
+        for phase in FRESHNESS_PHASES:  # both series exist from the start, at zero
+            self.freshness.labels(phase)
         self.query = Histogram(
             "lookstream_query_stage_seconds",
             "query latency per stage",
@@ -70,6 +85,9 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_NodeCollector(node))
+
+    def observe_freshness(self, seconds: float, phase: str) -> None:
+        self.freshness.labels(phase).observe(seconds)
 
     def observe_query(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -22,7 +22,7 @@ import numpy as np
 from indexer import generations
 from indexer.config import ModelSettings, Settings
 from indexer.generations import Generation
-from indexer.images import decode_image
+from indexer.images import decode
 from indexer.pipeline import Pipeline
 from indexer.segments import ItemMeta
 from indexer.shards import Hit, ShardSet
@@ -63,7 +63,7 @@ class Node:
         #: faster than ``api.inline_search_ms`` on the event loop instead of the executor.
         self.vector_search_s = 0.0
         self.thumbnails = ThumbnailStore(settings.data_dir / "thumbnails")
-        self._freshness_observer: Callable[[float], None] | None = None
+        self._freshness_observer: Callable[[float, str], None] | None = None
         self._ingesting = False
         self._switch_lock = threading.Lock()
 
@@ -89,11 +89,35 @@ class Node:
     def stats(self) -> IngestStats:
         return self.active.stats
 
-    def observe_freshness(self, observer: Callable[[float], None]) -> None:
-        """Feed every generation's per-event freshness to ``observer`` (the /metrics histogram)."""
+    def observe_freshness(self, observer: Callable[[float, str], None]) -> None:
+        """Feed every generation's per-event freshness to ``observer`` (the /metrics histogram).
+
+        The observer gets seconds and a phase: "live" for events of the active
+        generation that are newer than its consumer, "catch-up" for replays (a
+        restart, a generation that is still catching up).
+        """
         self._freshness_observer = observer
         for generation in self.generations():
-            generation.stats.freshness_observer = observer
+            self._observe(generation)
+
+    def _observe(self, generation: Generation) -> None:
+        observer = self._freshness_observer
+        if observer is None:
+            return
+
+        def observe(seconds: float, replay: bool) -> None:
+            observer(seconds, "catch-up" if replay or generation is not self.active else "live")
+
+        generation.stats.freshness_observer = observe
+
+    @property
+    def fatal(self) -> str | None:
+        """Why ingestion stopped for good, if it did: the node should exit (and be restarted)."""
+        for generation in self.generations():
+            consumer = generation.consumer
+            if consumer is not None and consumer.health.gave_up:
+                return consumer.health.gave_up
+        return None
 
     def start_ingest(self) -> None:
         self._ingesting = True
@@ -119,7 +143,7 @@ class Node:
                     return None
             models = generations.load(self.settings, selection)
             new = Generation.create(self.settings, models, selection, durable=self.active.checkpointer is not None)
-            new.stats.freshness_observer = self._freshness_observer
+            self._observe(new)
             previous, self.building = self.building, new
             if previous is not None:
                 previous.close()
@@ -158,15 +182,17 @@ class Node:
         generation = self.active  # one generation for the whole query, even across a flip
         pipeline, shards = generation.pipeline, generation.shards
         start = time.perf_counter()
-        image = decode_image(data, self.settings.images.max_pixels)
+        images = self.settings.images
+        decoded = decode(data, images.max_pixels, images.decode_max_side)
         timings = {"decode": _ms(start, time.perf_counter())}
-        items = pipeline.analyse([image], [{}], timings)[0]
-        whole = next((item for item in items if item.box == (0, 0, image.width, image.height)), None)
+        items = pipeline.analyse([decoded], [{}], timings)[0]
+        width, height = decoded.original_size
+        whole = next((item for item in items if item.box == (0, 0, width, height)), None)
         if whole is not None:
             whole_vector = whole.vector
         else:
             encode_start = time.perf_counter()
-            whole_vector = pipeline.encode([image])[0]
+            whole_vector = pipeline.encode([decoded.image])[0]
             timings["encode"] = round(timings.get("encode", 0.0) + _ms(encode_start, time.perf_counter()), 2)
         search_start = time.perf_counter()
         results = [
@@ -182,7 +208,7 @@ class Node:
         hits = shards.search(whole_vector, k, collection, category, accept)
         done = time.perf_counter()
         timings.update(search=_ms(search_start, done), total=_ms(start, done))
-        return QueryResult(results, hits, timings, (image.width, image.height))
+        return QueryResult(results, hits, timings, decoded.original_size)
 
     def search_vector(
         self,

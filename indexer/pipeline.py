@@ -1,26 +1,47 @@
-"""Events in, index operations out: load -> detect -> crop -> encode -> classify.
+"""Events in, index operations out: read -> decode -> detect -> crop -> encode -> classify.
 
 The pipeline holds no index state; it turns a batch of validated events into
 :class:`Upsert`, :class:`Delete` or :class:`Rejected` outcomes, one per event and
 in the same order, so the consumer can dead-letter exactly the events that
-failed and apply the rest. Crops of all events in a batch go through the encoder
-together, in chunks of ``batch_size``.
+failed and apply the rest.
+
+Failures are kept to the event that caused them (docs/reliability.md):
+
+* reading, decoding and the thumbnail are per event: whatever one raises
+  rejects that event alone, with a reason kind (:class:`~indexer.failures.Reason`);
+* the models run on chunks; a chunk the models fail on ``model_attempts``
+  times is split in halves until the event that fails is found, and only that
+  one is rejected (``model-failed``);
+* a failure that is not the event's fault (:func:`~indexer.failures.is_transient`:
+  out of memory, a full disk, :class:`~plugins.models.RetryableError`) is raised
+  to the consumer, which retries the batch with backoff and rejects nothing.
+
+Memory is bounded per chunk, not per poll: at most ``batch_size`` images, and
+at most ``images.max_batch_pixels`` decoded pixels, are held at once; every
+image is scaled down while decoding to ``images.decode_max_side``.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from indexer.config import ImageSettings
 from indexer.events import Event
-from indexer.images import InvalidImage, UriPolicy, decode_image, read_image_uri
+from indexer.failures import Reason, Rejection, describe, is_transient
+from indexer.images import Decoded, decode
+from indexer.sources import ImageSources
 from plugins.manager import Models
-from plugins.models import Detection
+from plugins.models import Detection, RetryableError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,7 +50,7 @@ class Item:
 
     category: str
     vector: np.ndarray
-    box: tuple[int, int, int, int]
+    box: tuple[int, int, int, int]  # in the original image's pixels
     label: str | None
     score: float
 
@@ -53,82 +74,188 @@ class Delete:
 
 @dataclass(frozen=True)
 class Rejected:
-    reason: str
+    kind: Reason
+    detail: str
+
+    @classmethod
+    def of(cls, rejection: Rejection) -> Rejected:
+        return cls(rejection.kind, rejection.detail)
 
 
 Outcome = Upsert | Delete | Rejected
 
 
-class Pipeline:
-    def __init__(self, models: Models, *, batch_size: int, max_pixels: int, uris: UriPolicy | None = None) -> None:
-        self.models = models
-        self.batch_size = batch_size
-        self.max_pixels = max_pixels
-        self.uris = uris or UriPolicy()
+class ModelOutputError(RuntimeError):
+    """A model answered with something the pipeline cannot use (wrong length, shape, NaN)."""
 
-    def process(self, events: list[Event]) -> list[Outcome]:
+
+class ModelsFailing(RetryableError):
+    """The models failed on every event of a chunk, one by one: not the events' fault, retried later."""
+
+
+class Pipeline:
+    def __init__(
+        self,
+        models: Models,
+        images: ImageSettings,
+        *,
+        batch_size: int,
+        model_attempts: int = 1,
+        sources: ImageSources | None = None,
+    ) -> None:
+        self.models = models
+        self.images = images
+        self.batch_size = batch_size
+        self.model_attempts = model_attempts
+        self.sources = sources or ImageSources(images)
+
+    def close(self) -> None:
+        self.sources.close()
+
+    def process(self, events: Sequence[Event]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(events)
-        images: dict[int, Image.Image] = {}
+        upserts: list[int] = []
         for i, event in enumerate(events):
             if event.is_delete:
                 outcomes[i] = Delete(event.collection, event.id, event.ts)
-                continue
-            try:
-                images[i] = self.load_image(event)
-            except InvalidImage as e:
-                outcomes[i] = Rejected(str(e))
-
-        order = list(images)
-        per_event = self.analyse([images[i] for i in order], [events[i].attrs for i in order])
-        for i, items in zip(order, per_event, strict=True):
-            event = events[i]
-            outcomes[i] = Upsert(
-                event.collection, event.id, event.ts, event.attrs, tuple(items), make_thumbnail(images[i])
-            )
+            else:
+                upserts.append(i)
+        for start in range(0, len(upserts), self.batch_size):
+            group = upserts[start : start + self.batch_size]
+            chunk: list[tuple[int, Decoded]] = []
+            pixels = 0
+            for i, data in zip(group, self._read([events[i] for i in group]), strict=True):
+                try:
+                    if isinstance(data, Rejection):
+                        raise data
+                    decoded = decode(data, self.images.max_pixels, self.images.decode_max_side)
+                except Exception as e:
+                    outcomes[i] = _rejected(e, Reason.IMAGE_UNDECODABLE)
+                    continue
+                size = decoded.image.width * decoded.image.height
+                if chunk and pixels + size > self.images.max_batch_pixels:
+                    self._finish(events, chunk, outcomes)
+                    chunk, pixels = [], 0
+                chunk.append((i, decoded))
+                pixels += size
+            if chunk:
+                self._finish(events, chunk, outcomes)
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
-    def load_image(self, event: Event) -> Image.Image:
-        data = event.image if event.image is not None else read_image_uri(event.image_uri or "", self.uris)
-        return decode_image(data, self.max_pixels)
+    def _read(self, events: list[Event]) -> list[bytes | Rejection]:
+        """Each event's image bytes: inline, or read from its ``image_uri`` (concurrently)."""
+        uris = [i for i, event in enumerate(events) if event.image is None]
+        fetched = dict(zip(uris, self.sources.read_many([events[i].image_uri or "" for i in uris]), strict=True))
+        return [fetched.get(i, event.image) for i, event in enumerate(events)]  # type: ignore[misc]
+
+    def _finish(self, events: Sequence[Event], chunk: list[tuple[int, Decoded]], outcomes: list) -> None:
+        """Analyse one chunk of decoded images and fill in their outcomes."""
+        decoded = [d for _, d in chunk]
+        results = self._analyse_isolating(decoded, [events[i].attrs for i, _ in chunk])
+        for (i, image), result in zip(chunk, results, strict=True):
+            event = events[i]
+            if isinstance(result, Rejection):
+                outcomes[i] = Rejected.of(result)
+                continue
+            try:
+                thumbnail = make_thumbnail(image.image)
+            except Exception as e:
+                outcomes[i] = _rejected(e, Reason.THUMBNAIL_FAILED)
+                continue
+            outcomes[i] = Upsert(event.collection, event.id, event.ts, event.attrs, tuple(result), thumbnail)
+
+    def _analyse_isolating(self, images: list[Decoded], attrs: list[dict[str, Any]]) -> list[list[Item] | Rejection]:
+        """Analyse; if the models keep failing, split the chunk to reject only the events that fail."""
+        results = self._bisect(images, attrs)
+        if len(results) > 1 and all(isinstance(r, Rejection) for r in results):
+            # Every event failed on its own: the models are broken, not the events. Retry the
+            # batch later rather than dead-letter a whole stream.
+            first = results[0]
+            raise ModelsFailing(f"the models failed on each of {len(images)} images: {first}")
+        return results
+
+    def _bisect(self, images: list[Decoded], attrs: list[dict[str, Any]]) -> list[list[Item] | Rejection]:
+        error: Exception | None = None
+        for attempt in range(1, self.model_attempts + 1):
+            try:
+                return self.analyse(images, attrs)  # type: ignore[return-value]
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                error = e
+                log.warning("models failed on %d images (attempt %d): %s", len(images), attempt, describe(e))
+        if len(images) == 1:
+            return [Rejection(Reason.MODEL_FAILED, describe(error))]  # type: ignore[arg-type]
+        middle = len(images) // 2
+        return self._bisect(images[:middle], attrs[:middle]) + self._bisect(images[middle:], attrs[middle:])
 
     def analyse(
-        self, images: list[Image.Image], attrs: list[dict[str, Any]], timings: dict[str, float] | None = None
+        self,
+        images: Sequence[Decoded | Image.Image],
+        attrs: list[dict[str, Any]],
+        timings: dict[str, float] | None = None,
     ) -> list[list[Item]]:
         """Detect, crop, encode and classify; return the items of each image.
 
-        ``timings``, if given, receives the milliseconds spent in "detect" and "encode" (encode + classify).
+        Boxes are given in the original image's pixels where an image is a
+        :class:`~indexer.images.Decoded`. ``timings``, if given, receives the
+        milliseconds spent in "detect" and "encode" (encode + classify).
         """
         if not images:
             return []
+        decoded = [d if isinstance(d, Decoded) else Decoded(d, d.size) for d in images]
+        pictures = [d.image for d in decoded]
         started = time.perf_counter()
-        detections = self.models.detector.detect(images)
+        detections = self.models.detector.detect(pictures)
+        if len(detections) != len(pictures):
+            raise ModelOutputError(f"the detector answered for {len(detections)} of {len(pictures)} images")
         detected = time.perf_counter()
         owners: list[int] = []
         crops: list[Image.Image] = []
         flat: list[Detection] = []
-        for owner, (image, found) in enumerate(zip(images, detections, strict=True)):
+        for owner, (image, found) in enumerate(zip(pictures, detections, strict=True)):
             for detection in found:
                 owners.append(owner)
                 flat.append(detection)
                 crops.append(crop(image, detection.box))
         vectors = self.encode(crops)
         categories = self.models.classifier.classify(crops, flat, [attrs[o] for o in owners])
-        items: list[list[Item]] = [[] for _ in images]
+        if len(categories) != len(crops) or not all(isinstance(c, str) and c for c in categories):
+            raise ModelOutputError(f"the classifier did not answer a category name for each of {len(crops)} crops")
+        items: list[list[Item]] = [[] for _ in pictures]
         for owner, detection, vector, category in zip(owners, flat, vectors, categories, strict=True):
-            items[owner].append(Item(category, vector, detection.box, detection.label, detection.score))
+            box = decoded[owner].to_original(detection.box)
+            items[owner].append(Item(category, vector, box, detection.label, float(detection.score)))
         if timings is not None:
             timings["detect"] = round((detected - started) * 1000, 2)
             timings["encode"] = round((time.perf_counter() - detected) * 1000, 2)
         return items
 
     def encode(self, crops: list[Image.Image]) -> np.ndarray:
-        chunks = [
-            self.models.encoder.encode(crops[start : start + self.batch_size])
-            for start in range(0, len(crops), self.batch_size)
-        ]
+        dim = self.models.encoder.dim
+        chunks = []
+        for start in range(0, len(crops), self.batch_size):
+            batch = crops[start : start + self.batch_size]
+            vectors = np.asarray(self.models.encoder.encode(batch), dtype=np.float32)
+            if vectors.shape != (len(batch), dim):
+                raise ModelOutputError(
+                    f"the encoder answered {vectors.shape} for {len(batch)} crops of dimension {dim}"
+                )
+            if not np.isfinite(vectors).all():
+                raise ModelOutputError("the encoder answered a vector that is not finite")
+            chunks.append(vectors)
         if not chunks:
-            return np.empty((0, self.models.encoder.dim), dtype=np.float32)
+            return np.empty((0, dim), dtype=np.float32)
         return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+
+def _rejected(error: Exception, kind: Reason) -> Rejected:
+    """The outcome for an event whose step raised ``error``; machine trouble is raised instead."""
+    if isinstance(error, Rejection):
+        return Rejected.of(error)
+    if is_transient(error):
+        raise error
+    return Rejected(kind, describe(error))
 
 
 THUMBNAIL_SIZE = (160, 160)

@@ -17,11 +17,12 @@ class IngestStats:
     #: "topic/partition" -> next offset to read (the last applied offset + 1)
     offsets: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
-    #: event ts -> searchable, in ms, for the newest event of the last batch and the slowest ever
+    #: event ts -> searchable, in ms, for the newest live event of the last batch and the slowest
+    #: live one ever; replays (events older than the consumer) do not count
     freshness_ms_last: int | None = None
     freshness_ms_max: int = 0
-    #: called with each applied event's freshness in seconds (the /metrics histogram)
-    freshness_observer: Callable[[float], None] | None = field(default=None, repr=False)
+    #: called with each applied event's freshness in seconds and whether it was a replay (the /metrics histogram)
+    freshness_observer: Callable[[float, bool], None] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_batch(
@@ -31,20 +32,26 @@ class IngestStats:
         deleted: int,
         rejected: list[str],
         offsets: dict[str, int],
-        freshness_ms: list[int],
+        freshness_ms: list[tuple[int, bool]],
     ) -> None:
-        """Count a batch; ``freshness_ms`` holds each applied event's searchable time minus its timestamp."""
+        """Count a batch.
+
+        ``rejected`` holds the reason kind of each dead letter; ``freshness_ms``
+        each applied event's searchable time minus its timestamp, and whether
+        the event is a replay.
+        """
         if self.freshness_observer is not None:
-            for ms in freshness_ms:
-                self.freshness_observer(ms / 1000)
+            for ms, replay in freshness_ms:
+                self.freshness_observer(ms / 1000, replay)
+        live = [ms for ms, replay in freshness_ms if not replay]
         with self._lock:
-            if freshness_ms:
-                self.freshness_ms_last = min(freshness_ms)  # the newest event of the batch
-                self.freshness_ms_max = max(self.freshness_ms_max, *freshness_ms)
+            if live:
+                self.freshness_ms_last = min(live)  # the newest event of the batch
+                self.freshness_ms_max = max(self.freshness_ms_max, *live)
             self.consumed += consumed
             self.indexed += indexed
             self.deleted += deleted
-            self.rejected.update(reason.split(":", 1)[0] for reason in rejected)
+            self.rejected.update(str(kind) for kind in rejected)
             self.offsets.update(offsets)
             self.last_error = None
 

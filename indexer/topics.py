@@ -14,15 +14,27 @@ log = logging.getLogger(__name__)
 
 
 def ensure_topics(kafka: KafkaSettings) -> None:
+    """Create the product, post and dead-letter topics where missing (existing ones are left as they are).
+
+    The dead-letter topic takes messages up to ``kafka.dead_letter_max_message_bytes``:
+    a dead letter is the event as it came plus the reason headers.
+    """
     topics = kafka.topics
     wanted = [topics.products, topics.posts, topics.dead_letter]
+    configs = {topics.dead_letter: {"max.message.bytes": str(kafka.dead_letter_max_message_bytes)}}
     admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, client_id="lookstream-admin")
     try:
         existing = set(admin.list_topics())
         missing = [name for name in wanted if name not in existing]
         for name in missing:
             try:
-                admin.create_topics([NewTopic(name, num_partitions=kafka.partitions, replication_factor=1)])
+                topic = NewTopic(
+                    name,
+                    num_partitions=kafka.partitions,
+                    replication_factor=kafka.replication_factor,
+                    topic_configs=configs.get(name, {}),
+                )
+                admin.create_topics([topic])
                 log.info("created topic %s with %d partitions", name, kafka.partitions)
             except TopicAlreadyExistsError:
                 pass  # another node created it first

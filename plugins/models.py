@@ -47,6 +47,15 @@ class ModelNotAvailable(RuntimeError):
     """The model's files are not on this machine; the message says how to provide them."""
 
 
+class RetryableError(RuntimeError):
+    """Raised by a model when the failure is not the input's fault (a remote service away, no memory).
+
+    The consumer retries the batch with backoff and never dead-letters its
+    events; any other exception a model raises is taken as the input's fault
+    once the batch has been split down to the one event that fails.
+    """
+
+
 @runtime_checkable
 class Detector(Protocol):
     name: str

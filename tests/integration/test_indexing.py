@@ -4,15 +4,15 @@ import time
 
 import msgpack
 import pytest
-from kafka import KafkaConsumer
 
-from consumers.indexing import DROPPED_HEADER, REASON_HEADER, SOURCE_HEADER
+from consumers.indexing import DETAIL_HEADER, DROPPED_HEADER, REASON_HEADER, SOURCE_HEADER
 from indexer.api import create_app
 from indexer.events import Event, encode_event
+from indexer.failures import Reason
 from indexer.node import Node
 from producers.publisher import make_producer, publish
 from tests.imagegen import encoded, product_image
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, read_dead_letters
 
 pytestmark = pytest.mark.integration
 JPEG = {"Content-Type": "image/jpeg"}
@@ -184,23 +184,12 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_the_good_ones_around_t
     body = await stats(client)
     assert body["ingest"]["rejected"] == len(bad) and body["ingest"]["consumed"] == 6 + len(bad) + len(odd)
 
-    consumer = KafkaConsumer(
-        names.dead_letter,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=10_000,
-        max_partition_fetch_bytes=2_000_000,
-    )
-    letters = {}
-    for message in consumer:
-        letters[message.key.decode()] = (message.value, dict(message.headers))
-        if len(letters) == len(bad):
-            break
-    consumer.close()
+    letters = read_dead_letters(settings.kafka, len(bad))
     assert set(letters) == set(bad)
     for key, (value, headers) in letters.items():
         assert headers["trace"] == b"t-1" and headers[SOURCE_HEADER].startswith(names.products.encode())
-        assert bad[key][1] in headers[REASON_HEADER].decode(), (key, headers[REASON_HEADER])
+        assert bad[key][1] in headers[DETAIL_HEADER].decode(), (key, headers[DETAIL_HEADER])
+        assert headers[REASON_HEADER].decode() in set(Reason), (key, headers[REASON_HEADER])
         if key == "oversized":
             assert value is None and int(headers[DROPPED_HEADER]) > 200_000
         else:

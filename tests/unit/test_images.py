@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.images import InvalidImage, UriPolicy, decode_image, read_image_uri
+from indexer.failures import Reason
+from indexer.images import InvalidImage, decode, decode_image
 from tests.imagegen import encoded, product_image
 
 MAX_PIXELS = 4_000_000
@@ -71,80 +72,24 @@ def test_pixel_limit_refuses_decompression_bombs():
         decode_image(bomb, MAX_PIXELS)
 
 
-def test_file_uri_inside_roots_is_read(tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"bytes")
-    assert read_image_uri((tmp_path / "a.jpg").as_uri(), UriPolicy((tmp_path,))) == b"bytes"
+def test_a_large_jpeg_is_decoded_small_and_boxes_map_back_to_its_pixels():
+    photo = product_image(4, (4000, 3000))
+    decoded = decode(saved(photo, "JPEG"), 40_000_000, max_side=1000)
+    assert decoded.original_size == (4000, 3000) and decoded.image.size == (1000, 750)
+    assert decoded.to_original((100, 75, 1000, 750)) == (400, 300, 4000, 3000)
 
 
-@pytest.mark.parametrize(
-    ("uri", "reason"),
-    [
-        ("file:///etc/passwd", "outside the configured file roots"),
-        ("{root}/../../etc/passwd", "outside the configured file roots"),
-        ("http://example.com/a.jpg", "host 'example.com' is not in images.http_hosts"),
-        ("http://169.254.169.254/latest/meta-data", "host '169.254.169.254' is not in images.http_hosts"),
-        ("gopher://example.com/a.jpg", "scheme 'gopher' is not supported"),
-        ("file://otherhost/a.jpg", "with host"),
-        ("{root}/missing.jpg", "cannot read"),
-    ],
-)
-def test_file_uri_outside_roots_or_unreadable_is_refused(tmp_path, uri, reason):
-    uri = uri.format(root=tmp_path.as_uri())
-    with pytest.raises(InvalidImage, match=reason):
-        read_image_uri(uri, UriPolicy((tmp_path,)))
+def test_exif_rotation_swaps_the_original_size():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated a quarter turn
+    data = saved(product_image(5, (400, 200)), "JPEG", exif=exif.tobytes())
+    decoded = decode(data, MAX_PIXELS, max_side=100)
+    assert decoded.original_size == (200, 400) and decoded.image.size == (50, 100)
 
 
-def test_symlink_out_of_roots_is_refused(tmp_path):
-    (tmp_path / "link.jpg").symlink_to("/etc/hostname")
-    with pytest.raises(InvalidImage, match="outside"):
-        read_image_uri((tmp_path / "link.jpg").as_uri(), UriPolicy((tmp_path,)))
-
-
-def test_no_roots_refuses_every_file_uri(tmp_path):
-    with pytest.raises(InvalidImage, match=r"no images\.file_roots"):
-        read_image_uri((tmp_path / "a.jpg").as_uri(), UriPolicy())
-
-
-@pytest.fixture
-async def image_host(aiohttp_server):
-    from aiohttp import web
-
-    jpeg = encoded(product_image(1))
-
-    async def image(request):
-        return web.Response(body=jpeg, content_type="image/jpeg")
-
-    async def redirect(request):
-        raise web.HTTPFound("http://169.254.169.254/latest/meta-data")
-
-    async def big(request):
-        return web.Response(body=b"x" * 5000, content_type="image/jpeg")
-
-    app = web.Application()
-    app.router.add_get("/a.jpg", image)
-    app.router.add_get("/moved.jpg", redirect)
-    app.router.add_get("/big.jpg", big)
-    server = await aiohttp_server(app)
-    return f"127.0.0.1:{server.port}", jpeg
-
-
-@pytest.mark.parametrize(
-    ("path", "reason"),
-    [
-        ("/moved.jpg", "redirects are not followed"),
-        ("/missing.jpg", "answered 404"),
-        ("/big.jpg", "larger than 4096 bytes"),
-    ],
-)
-async def test_http_uri_from_an_allowed_host_is_fetched_within_limits(image_host, path, reason):
-    import asyncio
-
-    host, jpeg = image_host
-    policy = UriPolicy(http_hosts=(host,), max_bytes=4096)
-    loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, read_image_uri, f"http://{host}/a.jpg", policy) == jpeg
-    with pytest.raises(InvalidImage, match=reason):
-        await loop.run_in_executor(None, read_image_uri, f"http://{host}{path}", policy)
-    other_port = UriPolicy(http_hosts=("127.0.0.1:1",))
-    with pytest.raises(InvalidImage, match=r"not in images\.http_hosts"):
-        await loop.run_in_executor(None, read_image_uri, f"http://{host}/a.jpg", other_port)
+def test_reason_kinds_tell_too_large_from_undecodable():
+    with pytest.raises(InvalidImage) as too_large:
+        decode(saved(Image.new("L", (3000, 3000)), "PNG"), MAX_PIXELS)
+    with pytest.raises(InvalidImage) as broken:
+        decode(b"garbage", MAX_PIXELS)
+    assert too_large.value.kind is Reason.IMAGE_TOO_LARGE and broken.value.kind is Reason.IMAGE_UNDECODABLE

@@ -1,14 +1,17 @@
 import pytest
 
+from indexer.config import ImageSettings
 from indexer.events import Event
-from indexer.images import UriPolicy
+from indexer.failures import Reason
 from indexer.pipeline import Delete, Pipeline, Rejected, Upsert, crop
 from tests.imagegen import encoded, product_image
 
 
 @pytest.fixture
 def pipeline(default_models, tmp_path):
-    return Pipeline(default_models, batch_size=2, max_pixels=10_000_000, uris=UriPolicy((tmp_path,)))
+    pipeline = Pipeline(default_models, ImageSettings(max_pixels=10_000_000, file_roots=(tmp_path,)), batch_size=2)
+    yield pipeline
+    pipeline.close()
 
 
 def test_outcomes_line_up_with_events_and_bad_images_are_rejected(pipeline, tmp_path):
@@ -23,7 +26,8 @@ def test_outcomes_line_up_with_events_and_bad_images_are_rejected(pipeline, tmp_
     ]
     outcomes = pipeline.process(events)
     assert [type(o) for o in outcomes] == [Upsert, Rejected, Delete, Upsert, Rejected, Upsert]
-    assert "not a JPEG" in outcomes[1].reason and "outside" in outcomes[4].reason
+    assert "not a JPEG" in outcomes[1].detail and "outside" in outcomes[4].detail
+    assert outcomes[1].kind is Reason.IMAGE_UNDECODABLE and outcomes[4].kind is Reason.IMAGE_URI_REFUSED
     assert outcomes[0].items[0].category == "top" and outcomes[5].items[0].category == "shoes"
     assert outcomes[3].collection == "posts" and outcomes[3].items[0].box == (0, 0, 160, 200)
 
@@ -41,3 +45,86 @@ def test_crop_clips_to_the_image():
     assert crop(image, (0, 0, image.width, image.height)) is image
     assert crop(image, (-10, -10, 50, 60)).size == (50, 60)
     assert crop(image, (50, 50, 40, 40)) is image  # empty box: the whole image
+
+
+class CountingEncoder:
+    """A small encoder that fails on poisoned images and records every batch it was given."""
+
+    name, version, dim = "counting", "1", 4
+
+    def __init__(self, fail_on=(), transient=False):
+        self.fail_on, self.transient, self.batches = set(fail_on), transient, []
+
+    def encode(self, crops):
+        import numpy as np
+
+        from plugins.models import RetryableError
+
+        self.batches.append(len(crops))
+        colours = [crop.getpixel((0, 0)) for crop in crops]
+        if self.transient:
+            raise RetryableError("the model server is away")
+        if any(c in self.fail_on for c in colours):
+            raise IndexError("a bug in the model")
+        vectors = np.array([[c[0], c[1], c[2], 1.0] for c in colours], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def solid(colour, size=(32, 32)) -> bytes:
+    from PIL import Image
+
+    return encoded(Image.new("RGB", size, colour), "PNG")
+
+
+def small_pipeline(encoder, **images):
+    from plugins.builtin.classifiers import EventAttrsClassifier
+    from plugins.builtin.whole_image import WholeImageDetector
+    from plugins.manager import Models
+    from plugins.models import ModelContext
+
+    context = ModelContext("cpu")
+    models = Models(WholeImageDetector(context), encoder, EventAttrsClassifier(context))
+    return Pipeline(models, ImageSettings(**images), batch_size=8, model_attempts=2)
+
+
+def events_of(colours):
+    return [Event("product.upsert", f"p{i}", i, image=solid(c)) for i, c in enumerate(colours)]
+
+
+def test_a_model_failure_is_split_down_to_the_event_that_causes_it():
+    colours = [(i * 10, 0, 0) for i in range(8)]
+    encoder = CountingEncoder(fail_on={colours[5]})
+    outcomes = small_pipeline(encoder).process(events_of(colours))
+    assert [type(o) for o in outcomes] == [Upsert] * 5 + [Rejected] + [Upsert] * 2
+    assert outcomes[5].kind is Reason.MODEL_FAILED and "IndexError: a bug in the model" in outcomes[5].detail
+    # 8 twice, then halves: the good half once, the bad half twice, down to the single event.
+    assert encoder.batches[:2] == [8, 8] and encoder.batches.count(1) >= 2 and len(encoder.batches) <= 16
+
+
+def test_a_failure_that_is_not_the_events_fault_is_raised_not_rejected():
+    from plugins.models import RetryableError
+
+    with pytest.raises(RetryableError):
+        small_pipeline(CountingEncoder(transient=True)).process(events_of([(1, 1, 1), (2, 2, 2)]))
+
+
+def test_models_that_fail_on_every_event_are_broken_not_the_events():
+    from plugins.models import RetryableError
+
+    colours = [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
+    with pytest.raises(RetryableError, match="failed on each of 3 images"):
+        small_pipeline(CountingEncoder(fail_on=set(colours))).process(events_of(colours))
+
+
+def test_decoded_pixels_per_chunk_are_capped():
+    encoder = CountingEncoder()
+    pipeline = small_pipeline(encoder, max_batch_pixels=3 * 32 * 32)
+    outcomes = pipeline.process(events_of([(i, i, i) for i in range(7)]))
+    assert all(isinstance(o, Upsert) for o in outcomes) and encoder.batches == [3, 3, 1]
+
+
+def test_images_are_analysed_small_and_boxes_come_back_in_original_pixels():
+    encoder = CountingEncoder()
+    event = Event("product.upsert", "big", 1, image=solid((9, 9, 9), (3000, 1500)))
+    (outcome,) = small_pipeline(encoder, decode_max_side=300).process([event])
+    assert outcome.items[0].box == (0, 0, 3000, 1500)

@@ -1,0 +1,137 @@
+"""The consumer loop's supervision, with a fake Kafka client (the real broker is in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from kafka.errors import UnsupportedCodecError
+
+import consumers.indexing as indexing
+from consumers.indexing import IndexingConsumer
+from indexer.config import IngestSettings, KafkaSettings
+from indexer.shards import ShardSet
+from indexer.stats import IngestStats
+
+
+class FakeConsumer:
+    """Polls that raise as kafka-python does on a batch compressed with a codec it lacks."""
+
+    polls = 0
+    fail_polls = 0
+    created = 0
+
+    def __init__(self, **config) -> None:
+        FakeConsumer.created += 1
+
+    def subscribe(self, topics, listener=None) -> None:
+        pass
+
+    def poll(self, timeout_ms: int):
+        FakeConsumer.polls += 1
+        if FakeConsumer.polls <= FakeConsumer.fail_polls:
+            raise UnsupportedCodecError("Libraries for snappy compression codec not found")
+        time.sleep(0.01)
+        return {}
+
+    def assignment(self):
+        return set()
+
+    def metrics(self, raw=False):
+        return {}
+
+    def close(self, autocommit=False) -> None:
+        pass
+
+
+class FakeProducer:
+    def __init__(self, **config) -> None:
+        pass
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_kafka(monkeypatch):
+    monkeypatch.setattr(indexing, "KafkaConsumer", FakeConsumer)
+    monkeypatch.setattr(indexing, "KafkaProducer", FakeProducer)
+    FakeConsumer.polls = FakeConsumer.created = 0
+    return FakeConsumer
+
+
+def consumer_with(ingest: IngestSettings) -> IndexingConsumer:
+    return IndexingConsumer(KafkaSettings(), pipeline=None, shards=ShardSet(4), stats=IngestStats(), ingest=ingest)
+
+
+def wait_for(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met")
+        time.sleep(0.01)
+
+
+def test_a_failing_poll_restarts_the_loop_and_the_streak_ends_when_polls_work(fake_kafka):
+    fake_kafka.fail_polls = 3
+    consumer = consumer_with(IngestSettings(retry_backoff_s=0.05, unready_after_failures=2))
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: fake_kafka.polls > 10)
+        assert fake_kafka.created == 4  # rebuilt after each of the 3 failures
+        assert consumer.health.failures["loop"] == 3 and consumer.health.consecutive_failures == 0
+        assert consumer.health.problems(waiting=0) == [] and consumer.health.gave_up is None
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_loop_that_cannot_recover_gives_up_and_says_why(fake_kafka):
+    fake_kafka.fail_polls = 10**9
+    consumer = consumer_with(IngestSettings(retry_backoff_s=0.01, unready_after_failures=2, give_up_after_s=0.3))
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,))
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert "UnsupportedCodecError" in consumer.health.gave_up
+    assert consumer.health.problems(waiting=0) == [consumer.health.gave_up]
+
+
+def test_unready_after_consecutive_failures_and_when_stalled():
+    from consumers.health import ConsumerHealth
+
+    health = ConsumerHealth(IngestSettings(unready_after_failures=2, stall_after_s=0.05))
+    health.failed("batch", "MemoryError", counts_towards_giving_up=False)
+    assert health.problems(waiting=0) == []
+    delay = health.failed("batch", "MemoryError", counts_towards_giving_up=False)
+    assert delay == 2.0 and "failed 2 times in a row: MemoryError" in health.problems(waiting=0)[0]
+    assert not health.should_give_up()  # transient failures never end in giving up
+    health.succeeded()
+    time.sleep(0.1)
+    assert health.problems(waiting=0) == []
+    assert "no event applied for" in health.problems(waiting=5)[0]
+
+
+async def test_the_app_reports_a_consumer_that_gave_up_and_stops(fake_kafka, aiohttp_client, default_models, tmp_path):
+    from indexer.api import create_app
+    from indexer.config import Settings
+    from indexer.node import Node
+
+    fake_kafka.fail_polls = 10**9
+    settings = Settings.model_validate(
+        {"data_dir": str(tmp_path), "ingest": {"retry_backoff_s": 0.01, "give_up_after_s": 0.2}}
+    )
+    reasons: list[str] = []
+    client = await aiohttp_client(create_app(Node.create(settings, default_models), on_fatal=reasons.append))
+    for _ in range(100):
+        if reasons:
+            break
+        await asyncio.sleep(0.1)
+    assert len(reasons) == 1 and "UnsupportedCodecError" in reasons[0]
+    response = await client.get("/readyz")
+    assert response.status == 503 and reasons[0] in (await response.json())["reasons"]
