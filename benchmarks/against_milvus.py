@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.shards_bench import percentiles
-from indexer.segments import IndexPolicy
+from indexer.store.segments import IndexPolicy
 
 COLLECTION = "bench"
 QUERY_BUDGET_S = 300

@@ -27,12 +27,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.broker import LocalBroker
+from indexer.kafka.broker import LocalBroker
 from indexer.config import KafkaSettings, Topics
 from indexer.events import Event, encode_event
-from indexer.topics import ensure_topics
+from indexer.kafka.topics import ensure_topics
 from producers.publisher import make_producer
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "lookstream-colour-histogram"

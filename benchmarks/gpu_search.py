@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from benchmarks.shards_bench import clustered, insert, percentiles, settle
-from indexer import gpu
-from indexer.segments import IndexPolicy
-from indexer.shards import ShardSet
+from indexer.store import gpu
+from indexer.store.segments import IndexPolicy
+from indexer.store.shards import ShardSet
 
 
 def run(n: int, dim: int, queries: int) -> dict:

@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.crash_recovery import free_port
-from indexer.broker import LocalBroker
+from indexer.kafka.broker import LocalBroker
 from indexer.config import Settings
 from indexer.events import Event, encode_event, now_ms
 from indexer.images import decode_image
 from indexer.node import build_node
-from indexer.topics import ensure_topics
+from indexer.kafka.topics import ensure_topics
 from producers.publisher import make_producer
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 
 PROFILES = {"quick": {"events": 512, "seconds": 30}, "full": {"events": 1024, "seconds": 120}}
 

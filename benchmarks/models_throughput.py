@@ -21,7 +21,7 @@ import torch
 
 from plugins.manager import build_plugin_manager, registry
 from plugins.models import ModelContext
-from tests.imagegen import product_image
+from tests.support.imagegen import product_image
 
 
 def build_checkpoints(root: Path) -> dict[str, Path]:

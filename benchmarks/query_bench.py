@@ -43,12 +43,12 @@ from benchmarks import against_milvus
 from benchmarks.httpload import run_client
 from benchmarks.shards_bench import clustered, insert, percentiles, settle
 from indexer import generations
-from indexer.api import create_app
+from indexer.web.app import create_app
 from indexer.config import Settings
 from indexer.node import Node
-from indexer.pipeline import Item, Upsert
-from indexer.segments import IndexPolicy, Segment
-from indexer.shards import ShardSet, one_openmp_thread, release_freed_memory
+from indexer.store.records import Item, Upsert
+from indexer.store.segments import IndexPolicy, Segment
+from indexer.store.shards import ShardSet, one_openmp_thread, release_freed_memory
 
 PROFILES = {
     "quick": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 500, "qps_seconds": 3},

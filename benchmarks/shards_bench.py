@@ -26,9 +26,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.pipeline import Item, Upsert
-from indexer.segments import IndexPolicy
-from indexer.shards import ShardSet
+from indexer.store.records import Item, Upsert
+from indexer.store.segments import IndexPolicy
+from indexer.store.shards import ShardSet
 
 
 def clustered(
@@ -108,7 +108,7 @@ def recall(n: int, dim: int, policy: IndexPolicy, spread: float = 0.6) -> dict:
 
 def _resident_after(n: int, dim: int, churned: bool, queue) -> None:
     """In a fresh process: RSS growth from holding n records (optionally after rewriting half)."""
-    from indexer.shards import release_freed_memory
+    from indexer.store.shards import release_freed_memory
 
     warm = ShardSet(dim, IndexPolicy(seal_min_rows=100))  # load faiss, OpenMP, numpy first
     insert(warm, clustered(500, dim, seed=9))

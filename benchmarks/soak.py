@@ -25,11 +25,11 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.crash_recovery import ROOT, _stats, _wait, free_port
-from indexer.broker import LocalBroker
+from indexer.kafka.broker import LocalBroker
 from indexer.config import KafkaSettings
 from indexer.events import Event, encode_event
 from producers.publisher import make_producer
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 
 
 def rss_mb(pid: int) -> float:
@@ -72,7 +72,7 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        from indexer.topics import ensure_topics
+        from indexer.kafka.topics import ensure_topics
 
         ensure_topics(kafka)
         _wait(lambda: (_stats(port) or {}).get("consumer", {}).get("assigned"), 120, "assignment")

@@ -46,15 +46,15 @@ from benchmarks.ingest import images, wait_consumed
 from benchmarks.query_bench import serve
 from benchmarks.shards_bench import clustered, insert, percentiles, settle
 from indexer import generations
-from indexer.api import create_app
-from indexer.broker import LocalBroker
+from indexer.web.app import create_app
+from indexer.kafka.broker import LocalBroker
 from indexer.config import Settings
 from indexer.events import Event, encode_event, now_ms
 from indexer.images import decode_image
 from indexer.node import Node, build_node
-from indexer.segments import IndexPolicy
-from indexer.shards import ShardSet
-from indexer.topics import ensure_topics
+from indexer.store.segments import IndexPolicy
+from indexer.store.shards import ShardSet
+from indexer.kafka.topics import ensure_topics
 from producers.publisher import make_producer
 
 PROFILES = {

@@ -57,10 +57,10 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
     """Run a node: local broker (unless --bootstrap-servers), topics, consumers and the API."""
     from aiohttp import web
 
-    from indexer.api import create_app
-    from indexer.broker import BrokerError, LocalBroker
+    from indexer.web.app import create_app
+    from indexer.kafka.broker import BrokerError, LocalBroker
     from indexer.node import build_node
-    from indexer.topics import ensure_topics
+    from indexer.kafka.topics import ensure_topics
     from plugins.models import ModelNotAvailable
     from plugins.registry import UnknownModel
 
@@ -112,7 +112,7 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
 )
 def broker(port: int, data_dir: Path) -> None:
     """Run the local Kafka-protocol broker alone, until Ctrl-C or SIGTERM."""
-    from indexer.broker import BrokerError, LocalBroker
+    from indexer.kafka.broker import BrokerError, LocalBroker
 
     data_dir.mkdir(parents=True, exist_ok=True)
     local = LocalBroker(port, log_path=data_dir / "broker.log")

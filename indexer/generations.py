@@ -20,14 +20,14 @@ from typing import Any
 from PIL import Image
 
 from consumers.indexing import IndexingConsumer
-from indexer import gpu
-from indexer.checkpoint import Checkpointer, load_latest
+from indexer.store import gpu
+from indexer.store.checkpoint import Checkpointer, load_latest
 from indexer.config import ModelSettings, Settings
 from indexer.pipeline import Pipeline
-from indexer.segments import IndexPolicy
-from indexer.shards import ShardSet
-from indexer.stats import IngestStats
-from indexer.thumbnails import ThumbnailStore
+from indexer.store.segments import IndexPolicy
+from indexer.store.shards import ShardSet
+from consumers.stats import IngestStats
+from indexer.store.thumbnails import ThumbnailStore
 from plugins.manager import Models, build_plugin_manager, load_models, resolve_device
 from plugins.models import ModelContext
 

@@ -24,10 +24,10 @@ from indexer.config import ModelSettings, Settings
 from indexer.generations import Generation
 from indexer.images import decode
 from indexer.pipeline import Pipeline
-from indexer.segments import ItemMeta
-from indexer.shards import Hit, ShardSet
-from indexer.stats import IngestStats
-from indexer.thumbnails import ThumbnailStore
+from indexer.store.segments import ItemMeta
+from indexer.store.shards import Hit, ShardSet
+from consumers.stats import IngestStats
+from indexer.store.thumbnails import ThumbnailStore
 from plugins.manager import Models
 
 log = logging.getLogger(__name__)

@@ -38,38 +38,11 @@ from indexer.events import Event
 from indexer.failures import Reason, Rejection, describe, is_transient
 from indexer.images import Decoded, decode
 from indexer.sources import ImageSources
+from indexer.store.records import Delete, Item, Upsert
 from plugins.manager import Models
 from plugins.models import Detection, RetryableError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One garment of one record, ready for a shard."""
-
-    category: str
-    vector: np.ndarray
-    box: tuple[int, int, int, int]  # in the original image's pixels
-    label: str | None
-    score: float
-
-
-@dataclass(frozen=True)
-class Upsert:
-    collection: str
-    record_id: str
-    ts: int
-    attrs: dict[str, Any]
-    items: tuple[Item, ...]
-    thumbnail: bytes | None = None  # a small JPEG of the image, for result pages
-
-
-@dataclass(frozen=True)
-class Delete:
-    collection: str
-    record_id: str
-    ts: int
 
 
 @dataclass(frozen=True)

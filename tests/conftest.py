@@ -23,7 +23,7 @@ def default_models() -> Models:
 @pytest.fixture(scope="session")
 def broker():
     """A real Kafka-protocol broker (Tansu, in memory) on a free loopback port."""
-    from indexer.broker import LocalBroker
+    from indexer.kafka.broker import LocalBroker
 
     with LocalBroker(free_port()) as local:
         yield local

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from indexer.topics import ensure_topics
+from indexer.kafka.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks.crash_recovery import free_port
-from indexer.api import create_app
-from indexer.broker import LocalBroker, wait_for_port
+from indexer.web.app import create_app
+from indexer.kafka.broker import LocalBroker, wait_for_port
 from indexer.config import Settings
 from indexer.events import Event
 from indexer.node import build_node
-from indexer.topics import ensure_topics
+from indexer.kafka.topics import ensure_topics
 from producers.publisher import make_producer, publish
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from benchmarks.crash_recovery import free_port
-from tests.imagegen import write_catalog
+from tests.support.imagegen import write_catalog
 
 pytestmark = pytest.mark.integration
 LOOKSTREAM = [sys.executable, "-m", "indexer"]

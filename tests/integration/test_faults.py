@@ -18,15 +18,15 @@ import pytest
 from aiohttp import web
 
 from consumers.indexing import DETAIL_HEADER, REASON_HEADER
-from indexer.api import create_app
+from indexer.web.app import create_app
 from indexer.events import Event, encode_event
 from indexer.failures import Reason
 from indexer.node import Node
-from indexer.topics import ensure_topics
+from indexer.kafka.topics import ensure_topics
 from plugins import hookimpl
 from plugins.manager import build_plugin_manager, load_models
 from plugins.models import ModelContext
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually, read_dead_letters
 
 pytestmark = pytest.mark.integration

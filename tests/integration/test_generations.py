@@ -4,12 +4,12 @@ import asyncio
 
 import pytest
 
-from indexer.api import create_app
+from indexer.web.app import create_app
 from indexer.config import Settings
 from indexer.events import Event
 from indexer.node import build_node
 from producers.publisher import make_producer, publish
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration

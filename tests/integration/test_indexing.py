@@ -6,12 +6,12 @@ import msgpack
 import pytest
 
 from consumers.indexing import DETAIL_HEADER, DROPPED_HEADER, REASON_HEADER, SOURCE_HEADER
-from indexer.api import create_app
+from indexer.web.app import create_app
 from indexer.events import Event, encode_event
 from indexer.failures import Reason
 from indexer.node import Node
 from producers.publisher import make_producer, publish
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually, read_dead_letters
 
 pytestmark = pytest.mark.integration
@@ -153,7 +153,7 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_the_good_ones_around_t
 ):
     from kafka import KafkaProducer
 
-    from indexer.topics import ensure_topics
+    from indexer.kafka.topics import ensure_topics
 
     settings = kafka_settings.model_copy(
         update={

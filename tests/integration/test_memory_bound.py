@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from benchmarks.crash_recovery import _stats, _wait, free_port
 from indexer.events import Event, encode_event
-from indexer.topics import ensure_topics
+from indexer.kafka.topics import ensure_topics
 from producers.publisher import make_producer
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from pathlib import Path
 SELECT_AND_ENCODE = """
 from plugins.manager import build_plugin_manager, load_models
 from plugins.models import ModelContext
-from tests.imagegen import product_image
+from tests.support.imagegen import product_image
 models = load_models(build_plugin_manager(), "whole-image", "colour-histogram", "event-attrs",
                      ModelContext("cpu"), {"colour-histogram": {"bins": [4, 4, 4]}})
 vectors = models.encoder.encode([product_image(1), product_image(2)])

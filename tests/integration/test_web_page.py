@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from indexer.api import create_app
+from indexer.web.app import create_app
 from tests.unit.test_api import node  # noqa: F401 -- fixture: real models, indexed products and thumbnails
 
 pytestmark = pytest.mark.integration

@@ -7,12 +7,12 @@ import aiohttp
 import numpy as np
 import pytest
 
-from indexer.api import create_app
+from indexer.web.app import create_app
 from indexer.config import Settings
 from indexer.events import Event
 from indexer.node import Node
-from indexer.thumbnails import store_thumbnails
-from tests.imagegen import encoded, product_image
+from indexer.store.thumbnails import store_thumbnails
+from tests.support.imagegen import encoded, product_image
 
 JPEG = {"Content-Type": "image/jpeg"}
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from indexer.checkpoint import load_latest, write_checkpoint
-from indexer.pipeline import Delete
-from indexer.segments import IndexPolicy
-from indexer.shards import ShardSet
+from indexer.store.checkpoint import load_latest, write_checkpoint
+from indexer.store.records import Delete
+from indexer.store.segments import IndexPolicy
+from indexer.store.shards import ShardSet
 from tests.unit.test_shards import DIM, fill, unit_vectors, upsert
 
 POLICY = IndexPolicy(seal_min_rows=200, growing_max_rows=150, hnsw_max_rows=1_000, hnsw_m=16, rebuild_min_dead=10_000)

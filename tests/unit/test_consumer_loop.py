@@ -12,8 +12,8 @@ from kafka.errors import UnsupportedCodecError
 import consumers.indexing as indexing
 from consumers.indexing import IndexingConsumer
 from indexer.config import IngestSettings, KafkaSettings
-from indexer.shards import ShardSet
-from indexer.stats import IngestStats
+from indexer.store.shards import ShardSet
+from consumers.stats import IngestStats
 
 
 class FakeConsumer:
@@ -118,7 +118,7 @@ def test_unready_after_consecutive_failures_and_when_stalled():
 
 
 async def test_the_app_reports_a_consumer_that_gave_up_and_stops(fake_kafka, aiohttp_client, default_models, tmp_path):
-    from indexer.api import create_app
+    from indexer.web.app import create_app
     from indexer.config import Settings
     from indexer.node import Node
 

@@ -6,7 +6,7 @@ from PIL import Image
 
 from indexer.failures import Reason
 from indexer.images import InvalidImage, decode, decode_image
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 
 MAX_PIXELS = 4_000_000
 

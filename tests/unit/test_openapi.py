@@ -3,7 +3,7 @@
 import jsonschema
 import pytest
 
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 from tests.unit.test_api import JPEG, client, node  # noqa: F401 -- fixtures
 
 REQUESTS = [

@@ -3,8 +3,9 @@ import pytest
 from indexer.config import ImageSettings
 from indexer.events import Event
 from indexer.failures import Reason
-from indexer.pipeline import Delete, Pipeline, Rejected, Upsert, crop
-from tests.imagegen import encoded, product_image
+from indexer.pipeline import Pipeline, Rejected, crop
+from indexer.store.records import Delete, Upsert
+from tests.support.imagegen import encoded, product_image
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from plugins import hookimpl, hookspecs
 from plugins.manager import DEFAULT_PLUGINS, build_plugin_manager, load_models, provided_names, registry
 from plugins.models import Classifier, Detection, Detector, Encoder, ModelContext
 from plugins.registry import UnknownModel
-from tests.imagegen import product_image
+from tests.support.imagegen import product_image
 
 CPU = ModelContext("cpu")
 

@@ -1,6 +1,6 @@
 from indexer.events import Event
 from producers.folders import Skipped, post_events, product_events
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 
 LIMITS = {"max_bytes": 1_000_000, "max_pixels": 10_000_000}
 

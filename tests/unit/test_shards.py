@@ -4,9 +4,9 @@ import threading
 import numpy as np
 import pytest
 
-from indexer.pipeline import Delete, Item, Upsert
-from indexer.segments import NEVER, IndexPolicy, ItemMeta, RowSource, build_sealed, growing_from
-from indexer.shards import Shard, ShardSet
+from indexer.store.records import Delete, Item, Upsert
+from indexer.store.segments import NEVER, IndexPolicy, ItemMeta, RowSource, build_sealed, growing_from
+from indexer.store.shards import Shard, ShardSet
 
 DIM = 16
 
@@ -167,7 +167,7 @@ def test_a_growing_shard_is_sealed_into_an_index_and_still_finds_every_item(poli
 
 
 def test_writes_made_while_a_rebuild_runs_stay_correct_after_the_swap(monkeypatch):
-    import indexer.shards as shards_module
+    import indexer.store.shards as shards_module
 
     gate = threading.Event()
     real_build = shards_module.build_from_state
@@ -242,7 +242,7 @@ def torch_backend(monkeypatch):
     """The torch-cuda backend's code, on CUDA where a GPU is visible and on torch's CPU otherwise."""
     import torch
 
-    from indexer import gpu
+    from indexer.store import gpu
 
     if not torch.cuda.is_available():
         monkeypatch.setattr(gpu, "DEVICE", "cpu")
@@ -268,7 +268,7 @@ def test_torch_backend_finds_the_same_as_faiss_through_growth_seal_and_deletes(t
 
 
 def test_torch_backend_checkpoint_round_trip(tmp_path, torch_backend):
-    from indexer.checkpoint import load_latest, write_checkpoint
+    from indexer.store.checkpoint import load_latest, write_checkpoint
 
     data = unit_vectors(300)
     shards = ShardSet(DIM, SMALL, torch_backend)
@@ -284,7 +284,7 @@ def test_torch_backend_checkpoint_round_trip(tmp_path, torch_backend):
 def test_search_uses_one_openmp_thread_and_gives_the_setting_back(monkeypatch):
     import faiss
 
-    from indexer import segments
+    from indexer.store import segments
 
     shards = ShardSet(DIM)
     shards.apply([upsert(f"r{i}", [v]) for i, v in enumerate(unit_vectors(50))])

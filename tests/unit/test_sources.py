@@ -24,7 +24,7 @@ from indexer import sources as sources_module
 from indexer.config import ImageSettings
 from indexer.failures import Reason, Rejection, is_transient
 from indexer.sources import ImageSources, PublicOnlyResolver
-from tests.imagegen import encoded, product_image
+from tests.support.imagegen import encoded, product_image
 
 REFUSED = Reason.IMAGE_URI_REFUSED
 FAILED = Reason.IMAGE_FETCH_FAILED

@@ -12,7 +12,7 @@ from plugins.builtin.transformers_models import (
 )
 from plugins.manager import build_plugin_manager, load_models
 from plugins.models import ModelContext, ModelNotAvailable
-from tests.imagegen import product_image
+from tests.support.imagegen import product_image
 
 CATEGORIES = ["bag", "bottom", "dress", "hat", "outer", "shoes", "top"]
 

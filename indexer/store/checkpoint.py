@@ -8,7 +8,7 @@ Everything is written into a temporary directory, fsynced, the manifest last,
 and the directory renamed into place: a checkpoint is complete exactly when its
 final name exists. Offsets are committed to Kafka only after that.
 
-A checkpoint is taken from one :class:`~indexer.shards.View` and the offsets
+A checkpoint is taken from one :class:`~indexer.store.shards.View` and the offsets
 applied at that moment; since published rows are only ever appended past the
 view's count or marked deleted with a later sequence, the files can be written
 in a background thread while the consumer goes on.
@@ -31,8 +31,8 @@ import faiss
 import msgpack
 import numpy as np
 
-from indexer.segments import NEVER, IndexPolicy, ItemMeta, Segment, growing_from, restore_search_params
-from indexer.shards import ShardSet, View
+from indexer.store.segments import NEVER, IndexPolicy, ItemMeta, Segment, growing_from, restore_search_params
+from indexer.store.shards import ShardSet, View
 
 log = logging.getLogger(__name__)
 

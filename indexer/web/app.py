@@ -1,6 +1,6 @@
 """The HTTP app of a node, built by :func:`create_app`.
 
-Search and item routes are in indexer/search_api.py; this module holds the
+Search and item routes are in indexer/web/search.py; this module holds the
 operational ones (``/stats``, ``/healthz``, ``/readyz``, ``/metrics``,
 ``/openapi.json``) and the app's lifecycle: with ``consume=True`` it runs the
 node's consumers for its lifetime and flips generations once a new one has
@@ -19,12 +19,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from indexer import admin_api, openapi
+from indexer.web import admin, openapi
 from indexer.config import Settings
 from indexer.events import COLLECTIONS
-from indexer.metrics import CONTENT_TYPE, Metrics
+from indexer.web.metrics import CONTENT_TYPE, Metrics
 from indexer.node import Node
-from indexer.search_api import METRICS, NODE, error, item, recent, search, search_vector, thumbnail
+from indexer.web.search import METRICS, NODE, error, item, recent, search, search_vector, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def create_app(
     called on SIGHUP: new model settings start a new generation.
     """
     app = web.Application(
-        client_max_size=node.settings.api.max_request_bytes, middlewares=[json_errors, admin_api.require_token]
+        client_max_size=node.settings.api.max_request_bytes, middlewares=[json_errors, admin.require_token]
     )
     app[NODE] = node
     app[METRICS] = Metrics(node)
@@ -156,7 +156,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_document)
-    admin_api.add_routes(app)
+    admin.add_routes(app)
     if consume:
         app.cleanup_ctx.append(_ingest)
     if reload_settings is not None:

@@ -48,9 +48,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer import gpu
-from indexer.pipeline import Delete, Upsert
-from indexer.segments import (
+from indexer.store import gpu
+from indexer.store.records import Delete, Upsert
+from indexer.store.segments import (
     NEVER,
     IndexPolicy,
     ItemMeta,
@@ -289,7 +289,7 @@ class ShardSet:
     def __init__(self, dim: int, policy: IndexPolicy | None = None, backend: str = "cpu") -> None:
         self.dim = dim
         self.policy = policy or IndexPolicy()
-        #: "cpu" (FAISS) or "torch-cuda" (exact search on the GPU, see indexer/gpu.py)
+        #: "cpu" (FAISS) or "torch-cuda" (exact search on the GPU, see indexer/store/gpu.py)
         self.backend = backend
         self._shards: dict[ShardKey, Shard] = {}  # writer-only
         self._records: dict[tuple[str, str], list[tuple[ShardKey, int]]] = {}  # writer-only

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from indexer.config import ModelSettings
-from indexer.search_api import NODE, error
+from indexer.web.search import NODE, error
 
 SNAPSHOT_TIMEOUT_S = 60
 

@@ -18,7 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer import gpu
+from indexer.store import gpu
 
 NEVER = np.iinfo(np.int64).max
 BLOCK_ROWS = 65_536  # rows an index build reads at a time: 320 MB at 1280-d

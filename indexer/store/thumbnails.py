@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from indexer.pipeline import Delete, Upsert
+from indexer.store.records import Delete, Upsert
 
 
 class ThumbnailStore:

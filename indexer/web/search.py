@@ -24,8 +24,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from indexer.events import COLLECTIONS
 from indexer.images import InvalidImage
 from indexer.node import Node
-from indexer.segments import ItemMeta
-from indexer.shards import Hit
+from indexer.store.segments import ItemMeta
+from indexer.store.shards import Hit
 
 NODE = web.AppKey("node", Node)
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -1,0 +1,1 @@
+"""Kafka plumbing of a node: the local broker of the embedded default, and topic creation."""
