@@ -14,7 +14,6 @@ recall@10 against exact search. Its queries are far slower than lookstream's at
 
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,19 +21,20 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.shards_bench import percentiles
-from indexer.store.segments import IndexPolicy
+from indexer.config import ShardSettings
+from indexer.store.backends import ivf_nlist, ivf_nprobe
 
 COLLECTION = "bench"
 QUERY_BUDGET_S = 300
 MIN_QUERIES = 100
 
 
-def _index(n: int, policy: IndexPolicy) -> tuple[str, dict, dict]:
+def _index(n: int, policy: ShardSettings) -> tuple[str, dict, dict]:
     if n <= policy.hnsw_max_rows:
         build = {"M": policy.hnsw_m, "efConstruction": policy.hnsw_ef_construction}
         return "HNSW", build, {"ef": policy.hnsw_ef_search}
-    nlist = int(4 * math.sqrt(n))
-    return "IVF_FLAT", {"nlist": nlist}, {"nprobe": max(8, int(nlist * policy.ivf_nprobe_fraction))}
+    nlist = ivf_nlist(n)
+    return "IVF_FLAT", {"nlist": nlist}, {"nprobe": ivf_nprobe(nlist, policy)}
 
 
 def run(
@@ -44,7 +44,7 @@ def run(
     from pymilvus import DataType, MilvusClient
 
     n, dim = base.shape
-    policy = IndexPolicy()
+    policy = ShardSettings()
     index_type, build, search = _index(n, policy)
     client = MilvusClient(str(directory / "milvus.db"))
     schema = client.create_schema(auto_id=False)

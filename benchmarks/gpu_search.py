@@ -21,15 +21,15 @@ import numpy as np
 import torch
 
 from benchmarks.shards_bench import clustered, insert, percentiles, settle
-from indexer.store import gpu
-from indexer.store.segments import IndexPolicy
+from indexer.config import ShardSettings
+from indexer.store import backends
 from indexer.store.shards import ShardSet
 
 
 def run(n: int, dim: int, queries: int) -> dict:
     data = clustered(n + queries, dim, seed=4)
     base, qs = data[:n], data[n:]
-    shards = ShardSet(dim, IndexPolicy(), gpu.NAME)
+    shards = ShardSet(dim, ShardSettings(), backends.by_name("torch-cuda"))
     started = time.perf_counter()
     insert(shards, base, batch=10_000)
     settle(shards)

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.crash_recovery import free_port
-from indexer.kafka.broker import LocalBroker
 from indexer.config import Settings
 from indexer.events import Event, encode_event, now_ms
 from indexer.images import decode_image
-from indexer.node import build_node
+from indexer.kafka.broker import LocalBroker
 from indexer.kafka.topics import ensure_topics
+from indexer.node import build_node
 from producers.publisher import make_producer
 from tests.support.imagegen import encoded, product_image
+from tests.support.processes import free_port
 
 PROFILES = {"quick": {"events": 512, "seconds": 30}, "full": {"events": 1024, "seconds": 120}}
 
@@ -46,7 +46,7 @@ def images(n: int) -> list[bytes]:
 
 def bare_rate(node, data: list[bytes]) -> float:
     """Images/s of the models alone: images decoded beforehand, analysed in batches, nothing else."""
-    pipeline = node.pipeline
+    pipeline = node.active.pipeline
     batch = node.settings.models.batch_size
     decoded = [decode_image(d, 10**8) for d in data]
     pipeline.analyse(decoded[:batch], [{}] * batch)  # warm-up
@@ -60,7 +60,7 @@ def bare_rate(node, data: list[bytes]) -> float:
 def wait_consumed(node, total: int, timeout: float = 600) -> int:
     """Wait until at least ``total`` events are consumed; returns how many are."""
     deadline = time.monotonic() + timeout
-    while (consumed := node.stats.counters()["consumed"]) < total:
+    while (consumed := node.active.stats.counters()["consumed"]) < total:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {consumed} of {total} consumed")
         time.sleep(0.02)
@@ -121,7 +121,7 @@ def main() -> None:
             rate = share * end_to_end
             freshness.clear()
             begin_wall = time.time()
-            before = node.stats.counters()["consumed"]
+            before = node.active.stats.counters()["consumed"]
             count = int(rate * args.seconds)
             begin = time.perf_counter()
             for j in range(count):

@@ -15,7 +15,7 @@ process (benchmarks/httpload.py), one request at a time:
   as an HTTP request between queries (a CPU that idles between queries loses
   its caches; HTTP requests arrive that way): ``index.search`` on the sealed
   index plus exact ``faiss.knn`` over the rows still in the growing segment
-  (up to ``IndexPolicy.growing_max_rows``; lookstream searches both);
+  (up to ``ShardSettings.growing_max_rows``; lookstream searches both);
 * QPS with 4 connections; recall@10 against exact search; insert →
   searchable delay of single new rows (apply, then search until found).
 
@@ -43,12 +43,13 @@ from benchmarks import against_milvus
 from benchmarks.httpload import run_client
 from benchmarks.shards_bench import clustered, insert, percentiles, settle
 from indexer import generations
-from indexer.web.app import create_app
-from indexer.config import Settings
+from indexer.config import Settings, ShardSettings
 from indexer.node import Node
+from indexer.store import backends
 from indexer.store.records import Item, Upsert
-from indexer.store.segments import IndexPolicy, Segment
+from indexer.store.segments import Segment
 from indexer.store.shards import ShardSet, one_openmp_thread, release_freed_memory
+from indexer.web.app import create_app
 
 PROFILES = {
     "quick": {"sizes": ["100000x128", "100000x1280", "1000000x128"], "queries": 500, "qps_seconds": 3},
@@ -109,7 +110,7 @@ def searchable_delays(shards: ShardSet, fresh: np.ndarray, first: int) -> list[f
 
 async def lookstream(base: np.ndarray, qs: np.ndarray, exact: np.ndarray, fresh: np.ndarray, qps_s: float) -> dict:
     n, dim = base.shape
-    shards = ShardSet(dim, IndexPolicy(), "cpu")
+    shards = ShardSet(dim, ShardSettings(), backends.by_name("cpu"))
     started = time.perf_counter()
     insert(shards, base)
     insert_s = time.perf_counter() - started

@@ -4,7 +4,7 @@
 
 Recall: vectors from a mixture of Gaussians (normalised, like real embeddings,
 which cluster), inserted through ShardSet.apply, sealed by the background
-builder with the default IndexPolicy (HNSW up to 200k rows, IVF above); 1,000
+builder with the default ShardSettings (HNSW up to 200k rows, IVF above); 1,000
 held-out queries from the same distribution; recall@10 = share of the exact
 top-10 (faiss.knn over all live vectors) that the shard returns.
 
@@ -26,8 +26,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer.config import ShardSettings
 from indexer.store.records import Item, Upsert
-from indexer.store.segments import IndexPolicy
 from indexer.store.shards import ShardSet
 
 
@@ -77,7 +77,7 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def recall(n: int, dim: int, policy: IndexPolicy, spread: float = 0.6) -> dict:
+def recall(n: int, dim: int, policy: ShardSettings, spread: float = 0.6) -> dict:
     """``spread`` 0.6: clustered like embeddings; a large spread approaches uniform on the sphere (hardest)."""
     data = clustered(n + 1000, dim, seed=1, spread=spread)
     base, queries = data[:n], data[n:]
@@ -110,7 +110,7 @@ def _resident_after(n: int, dim: int, churned: bool, queue) -> None:
     """In a fresh process: RSS growth from holding n records (optionally after rewriting half)."""
     from indexer.store.shards import release_freed_memory
 
-    warm = ShardSet(dim, IndexPolicy(seal_min_rows=100))  # load faiss, OpenMP, numpy first
+    warm = ShardSet(dim, ShardSettings(seal_min_rows=100))  # load faiss, OpenMP, numpy first
     insert(warm, clustered(500, dim, seed=9))
     settle(warm)
     warm.close()
@@ -118,7 +118,7 @@ def _resident_after(n: int, dim: int, churned: bool, queue) -> None:
     gc.collect()
     release_freed_memory()
     before = rss_mb()
-    shards = ShardSet(dim, IndexPolicy())
+    shards = ShardSet(dim, ShardSettings())
     insert(shards, clustered(n, dim, seed=2))
     settle(shards)
     if churned:
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=("quick", "full"), default="quick")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    policy = IndexPolicy()
+    policy = ShardSettings()
     sizes = [(50_000, 128), (50_000, 1280)] if args.profile == "quick" else [(200_000, 128), (100_000, 1280)]
     results = {
         "machine": {
@@ -174,7 +174,7 @@ def main() -> None:
     for n, dim in sizes:
         results["recall"].append(recall(n, dim, policy))
         print(results["recall"][-1], flush=True)
-    ivf = IndexPolicy(hnsw_max_rows=10_000)  # force IVF at these sizes to measure it too
+    ivf = ShardSettings(hnsw_max_rows=10_000)  # force IVF at these sizes to measure it too
     results["recall"].append({**recall(sizes[0][0], 128, ivf), "policy": "ivf forced"})
     print(results["recall"][-1], flush=True)
     for policy_name, p in (("default", policy), ("ivf forced", ivf)):  # the hard case: no cluster structure

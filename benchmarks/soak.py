@@ -24,12 +24,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.crash_recovery import ROOT, _stats, _wait, free_port
-from indexer.kafka.broker import LocalBroker
 from indexer.config import KafkaSettings
 from indexer.events import Event, encode_event
+from indexer.kafka.broker import LocalBroker
 from producers.publisher import make_producer
 from tests.support.imagegen import encoded, product_image
+from tests.support.processes import ROOT, free_port, node_stats, wait_until
 
 
 def rss_mb(pid: int) -> float:
@@ -75,7 +75,7 @@ def main() -> None:
         from indexer.kafka.topics import ensure_topics
 
         ensure_topics(kafka)
-        _wait(lambda: (_stats(port) or {}).get("consumer", {}).get("assigned"), 120, "assignment")
+        wait_until(lambda: (node_stats(port) or {}).get("consumer", {}).get("assigned"), 120, "assignment")
 
         def produce() -> None:
             producer = make_producer(kafka)
@@ -117,7 +117,7 @@ def main() -> None:
         try:
             while time.monotonic() - started < args.minutes * 60:
                 time.sleep(30)
-                stats = _stats(port) or {}
+                stats = node_stats(port) or {}
                 ingest = stats.get("ingest", {})
                 samples.append(
                     {

@@ -46,15 +46,15 @@ from benchmarks.ingest import images, wait_consumed
 from benchmarks.query_bench import serve
 from benchmarks.shards_bench import clustered, insert, percentiles, settle
 from indexer import generations
-from indexer.web.app import create_app
-from indexer.kafka.broker import LocalBroker
-from indexer.config import Settings
+from indexer.config import Settings, ShardSettings
 from indexer.events import Event, encode_event, now_ms
 from indexer.images import decode_image
-from indexer.node import Node, build_node
-from indexer.store.segments import IndexPolicy
-from indexer.store.shards import ShardSet
+from indexer.kafka.broker import LocalBroker
 from indexer.kafka.topics import ensure_topics
+from indexer.node import Node, build_node
+from indexer.store import backends
+from indexer.store.shards import ShardSet
+from indexer.web.app import create_app
 from producers.publisher import make_producer
 
 PROFILES = {
@@ -118,7 +118,7 @@ async def rebuild_swaps(profile: dict) -> dict:
     n, dim = profile["rows"], profile["dim"]
     data = clustered(n + 1000, dim, seed=7)
     base, qs = data[:n], data[n:]
-    shards = ShardSet(dim, IndexPolicy(), "cpu")
+    shards = ShardSet(dim, ShardSettings(), backends.by_name("cpu"))
     insert(shards, base)
     settle(shards)
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +179,7 @@ async def generation_flips(profile: dict) -> dict:
         )
         ensure_topics(settings.kafka)
         node = build_node(settings, durable=False)
-        queries = node.pipeline.encode([decode_image(d, 10**8) for d in data[:32]])
+        queries = node.active.pipeline.encode([decode_image(d, 10**8) for d in data[:32]])
         runner, port = await serve(create_app(node, consume=True))
         producer = make_producer(settings.kafka)
         for i in range(profile["events"]):

@@ -50,14 +50,14 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from consumers.health import ConsumerHealth
-from indexer.store.checkpoint import Checkpointer
+from consumers.stats import IngestStats
 from indexer.config import IngestSettings, KafkaSettings
 from indexer.events import InvalidEvent, decode_event, now_ms
 from indexer.failures import Reason, describe, is_transient
 from indexer.pipeline import Pipeline, Rejected
+from indexer.store.checkpoint import Checkpointer
 from indexer.store.records import Delete, Upsert
 from indexer.store.shards import ShardSet
-from consumers.stats import IngestStats
 from indexer.store.thumbnails import ThumbnailStore, store_thumbnails
 
 log = logging.getLogger(__name__)

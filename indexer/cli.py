@@ -57,10 +57,10 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
     """Run a node: local broker (unless --bootstrap-servers), topics, consumers and the API."""
     from aiohttp import web
 
-    from indexer.web.app import create_app
     from indexer.kafka.broker import BrokerError, LocalBroker
-    from indexer.node import build_node
     from indexer.kafka.topics import ensure_topics
+    from indexer.node import build_node
+    from indexer.web.app import create_app
     from plugins.models import ModelNotAvailable
     from plugins.registry import UnknownModel
 

@@ -134,15 +134,37 @@ class IngestSettings(BaseModel):
 
 
 class ShardSettings(BaseModel):
-    """When shards are sealed into ANN indexes and checkpointed (docs/architecture.md)."""
+    """When shards are sealed into ANN indexes, which index, how it is searched, and how shards are kept.
+
+    The store takes this object itself (``ShardSet``, checkpoints, backends), so
+    each default is stated here once and every knob is reachable from a TOML
+    file (docs/architecture.md, "Shards").
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Below this many live rows a shard is not sealed: exact search over it is fast enough.
     seal_min_rows: int = Field(10_000, ge=1)
+    # A sealed shard is rebuilt once its growing segment (searched exactly) holds this many rows...
     growing_max_rows: int = Field(20_000, ge=1)
+    # ...or once this share of its sealed rows is deleted (a rebuild reclaims them)...
+    rebuild_dead_fraction: float = Field(0.2, gt=0, le=1)
+    # ...and at least this many: a few deletes in a small shard are not worth a rebuild.
+    rebuild_min_dead: int = Field(1024, ge=1)
+    # HNSW up to this many rows, IVF-Flat above, where HNSW's build time and memory grow too large.
     hnsw_max_rows: int = Field(200_000, ge=1)
+    # HNSW links per node: more gives better recall for more memory and a slower build.
+    hnsw_m: int = Field(32, ge=2)
+    # HNSW candidates kept while a row is inserted: more gives a better graph and a slower build.
+    hnsw_ef_construction: int = Field(64, ge=1)
+    # HNSW candidates kept while searching: more gives better recall and slower queries.
+    hnsw_ef_search: int = Field(128, ge=1)
+    # IVF lists searched per query, as a share of the lists (never fewer than 8).
+    ivf_nprobe_fraction: float = Field(1 / 16, gt=0, le=1)
+    # A checkpoint is written at most this often, and only when something changed.
     checkpoint_interval_s: float = Field(10.0, gt=0)
     #: "auto": exact search on the GPU with torch where one is visible, FAISS on the CPU otherwise
+    #: (indexer/store/backends.py)
     backend: Literal["auto", "cpu", "torch-cuda"] = "auto"
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from plugins.models import CATEGORIES
+
 PHOTOS = (
     "astronaut",
     "chelsea",
@@ -40,7 +42,6 @@ PHOTOS = (
     "grass",
     "gravel",
 )
-CATEGORIES = ("bag", "bottom", "dress", "hat", "outer", "shoes", "top")
 QUERY_KINDS = ("flip", "colour", "scale", "jpeg", "street")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from indexer.node import Node
 from indexer.pipeline import Rejected
+from indexer.search import Where, search_image
 from producers.folders import Skipped, product_events
 
 KS = (1, 5, 10, 20)
@@ -63,18 +64,22 @@ def average_precision(ranked: list[str], relevant: frozenset[str]) -> float:
     return total / len(relevant) if relevant else 0.0
 
 
+PRODUCTS = Where(("products",))
+
+
 def evaluate(node: Node, root: Path) -> Report:
     """Index ``root/gallery`` into the node's (empty) shards, then run every query."""
     settings = node.settings
+    generation = node.active
     events = [
         e
         for e in product_events(root / "gallery", settings.kafka.max_message_bytes, settings.images.max_pixels)
         if not isinstance(e, Skipped)
     ]
     started = time.perf_counter()
-    outcomes = node.pipeline.process(events)
+    outcomes = generation.pipeline.process(events)
     indexing_s = time.perf_counter() - started
-    node.shards.apply([o for o in outcomes if not isinstance(o, Rejected)])
+    generation.shards.apply([o for o in outcomes if not isinstance(o, Rejected)])
 
     queries = load_queries(root)
     k = max(KS)
@@ -82,7 +87,8 @@ def evaluate(node: Node, root: Path) -> Report:
     ap_sum = 0.0
     per_kind: dict[str, list[int]] = {}
     for query in queries:
-        result = node.query(query.image.read_bytes(), k, "products", None)
+        data = query.image.read_bytes()
+        result = search_image(generation.pipeline, generation.shards, settings.images, data, k, PRODUCTS)
         best: dict[str, float] = {}
         for hit in [*result.hits, *(h for item in result.items for h in item.hits)]:
             best[hit.id] = max(best.get(hit.id, -1.0), hit.score)
@@ -95,7 +101,7 @@ def evaluate(node: Node, root: Path) -> Report:
         counts[1] += 1
     n = max(len(queries), 1)
     return Report(
-        encoder=node.models.encoder.name,
+        encoder=generation.models.encoder.name,
         gallery=len(events),
         queries=len(queries),
         recall={kk: found[kk] / n for kk in KS},

@@ -18,7 +18,15 @@ from __future__ import annotations
 import errno
 from enum import StrEnum
 
-from plugins.models import RetryableError
+
+class RetryableError(RuntimeError):
+    """Raised by a model (or any stage) when the failure is not the input's fault: a remote service away.
+
+    The consumer retries the batch with backoff and never dead-letters its
+    events; any other exception a model raises is taken as the input's fault
+    once the batch has been split down to the one event that fails. Plugins
+    import it as ``plugins.models.RetryableError``.
+    """
 
 
 class Reason(StrEnum):

@@ -20,13 +20,13 @@ from typing import Any
 from PIL import Image
 
 from consumers.indexing import IndexingConsumer
-from indexer.store import gpu
-from indexer.store.checkpoint import Checkpointer, load_latest
-from indexer.config import ModelSettings, Settings
-from indexer.pipeline import Pipeline
-from indexer.store.segments import IndexPolicy
-from indexer.store.shards import ShardSet
 from consumers.stats import IngestStats
+from indexer.config import ModelSettings, Settings
+from indexer.events import COLLECTIONS
+from indexer.pipeline import Pipeline
+from indexer.store import backends
+from indexer.store.checkpoint import Checkpointer, load_latest
+from indexer.store.shards import ShardSet
 from indexer.store.thumbnails import ThumbnailStore
 from plugins.manager import Models, build_plugin_manager, load_models, resolve_device
 from plugins.models import ModelContext
@@ -98,18 +98,13 @@ class Generation:
             model_attempts=settings.ingest.model_attempts,
         )
         s = settings.shards
-        policy = IndexPolicy(
-            seal_min_rows=s.seal_min_rows, growing_max_rows=s.growing_max_rows, hnsw_max_rows=s.hnsw_max_rows
-        )
-        backend = s.backend if s.backend != "auto" else (gpu.NAME if gpu.available() else "cpu")
+        backend = backends.choose(s.backend)
         ident = identity(models, selection)
-        generation = cls(
-            generation_id(ident), selection, models, pipeline, ShardSet(models.encoder.dim, policy, backend)
-        )
+        generation = cls(generation_id(ident), selection, models, pipeline, ShardSet(models.encoder.dim, s, backend))
         if durable:
             root = settings.data_dir / "checkpoints" / generation.id
             generation.checkpointer = Checkpointer(root, ident, s.checkpoint_interval_s)
-            restored = load_latest(root, ident, policy, backend, generation.skipped_checkpoints)
+            restored = load_latest(root, ident, s, backend, generation.skipped_checkpoints)
             if restored is not None:
                 checkpoint, generation.shards = restored
                 generation.restored_from = checkpoint.path.name
@@ -156,8 +151,8 @@ class Generation:
             "encoder_version": encoder.version,
             "dim": encoder.dim,
             "classifier": self.models.classifier.name,
-            "backend": self.shards.backend,
-            "records": {c: self.shards.records(c) for c in ("products", "posts")},
+            "backend": self.shards.backend.name,
+            "records": {c: self.shards.records(c) for c in COLLECTIONS},
             "consumer": {
                 "running": self.consumer is not None and self.consumer.running,
                 "assigned": self.consumer is not None and self.consumer.assigned.is_set(),

@@ -1,10 +1,11 @@
 """A lookstream node: the active model generation, and a new one while it catches up.
 
-``Node`` is built once from the settings and shared by the HTTP app (which
-searches) and the consumer threads (which index). A query takes the active
-generation once and uses its pipeline and shards throughout, so a query image
-is processed exactly as the indexed ones it is compared with, even across a
-flip to a new generation (indexer/generations.py).
+``Node`` is wiring: it is built once from the settings (:func:`build_node`),
+starts and stops the generations' consumers, switches to new model settings
+and flips to a new generation once it has caught up (indexer/generations.py).
+The HTTP app searches ``node.active``'s pipeline and shards (indexer/search.py),
+taking the generation once per query so that a query image is processed
+exactly as the indexed ones it is compared with, even across a flip.
 """
 
 from __future__ import annotations
@@ -12,42 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-
-import numpy as np
 
 from indexer import generations
 from indexer.config import ModelSettings, Settings
 from indexer.generations import Generation
-from indexer.images import decode
-from indexer.pipeline import Pipeline
-from indexer.store.segments import ItemMeta
-from indexer.store.shards import Hit, ShardSet
-from consumers.stats import IngestStats
 from indexer.store.thumbnails import ThumbnailStore
 from plugins.manager import Models
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class QueryItem:
-    box: tuple[int, int, int, int]
-    label: str | None
-    category: str
-    score: float
-    hits: list[Hit]
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    items: list[QueryItem]
-    hits: list[Hit]
-    timings_ms: dict[str, float]
-    size: tuple[int, int]  # width, height of the query image
 
 
 class Node:
@@ -57,11 +31,6 @@ class Node:
         self.settings = settings
         self.active = active
         self.building: Generation | None = None
-        #: Model inference and FAISS search run here, off the event loop.
-        self.executor = ThreadPoolExecutor(2, "lookstream-query")
-        #: Moving average of recent vector search times (seconds): the API runs searches
-        #: faster than ``api.inline_search_ms`` on the event loop instead of the executor.
-        self.vector_search_s = 0.0
         self.thumbnails = ThumbnailStore(settings.data_dir / "thumbnails")
         self._freshness_observer: Callable[[float, str], None] | None = None
         self._ingesting = False
@@ -71,23 +40,6 @@ class Node:
     def create(cls, settings: Settings, models: Models) -> Node:
         """A node over empty, in-memory shards (tests, evaluation)."""
         return cls(settings, Generation.create(settings, models))
-
-    # The active generation's parts, for callers that do not care about generations.
-    @property
-    def models(self) -> Models:
-        return self.active.models
-
-    @property
-    def pipeline(self) -> Pipeline:
-        return self.active.pipeline
-
-    @property
-    def shards(self) -> ShardSet:
-        return self.active.shards
-
-    @property
-    def stats(self) -> IngestStats:
-        return self.active.stats
 
     def observe_freshness(self, observer: Callable[[float, str], None]) -> None:
         """Feed every generation's per-event freshness to ``observer`` (the /metrics histogram).
@@ -170,75 +122,9 @@ class Node:
             old.close()
         return True
 
-    def query(
-        self,
-        data: bytes,
-        k: int,
-        collection: str | tuple[str, ...],
-        category: str | None = None,
-        accept: Callable[[ItemMeta], bool] | None = None,
-    ) -> QueryResult:
-        """Search with an image: hits per detected item, and for the whole image."""
-        generation = self.active  # one generation for the whole query, even across a flip
-        pipeline, shards = generation.pipeline, generation.shards
-        start = time.perf_counter()
-        images = self.settings.images
-        decoded = decode(data, images.max_pixels, images.decode_max_side)
-        timings = {"decode": _ms(start, time.perf_counter())}
-        items = pipeline.analyse([decoded], [{}], timings)[0]
-        width, height = decoded.original_size
-        whole = next((item for item in items if item.box == (0, 0, width, height)), None)
-        if whole is not None:
-            whole_vector = whole.vector
-        else:
-            encode_start = time.perf_counter()
-            whole_vector = pipeline.encode([decoded.image])[0]
-            timings["encode"] = round(timings.get("encode", 0.0) + _ms(encode_start, time.perf_counter()), 2)
-        search_start = time.perf_counter()
-        results = [
-            QueryItem(
-                item.box,
-                item.label,
-                item.category,
-                item.score,
-                shards.search(item.vector, k, collection, category, accept),
-            )
-            for item in items
-        ]
-        hits = shards.search(whole_vector, k, collection, category, accept)
-        done = time.perf_counter()
-        timings.update(search=_ms(search_start, done), total=_ms(start, done))
-        return QueryResult(results, hits, timings, decoded.original_size)
-
-    def search_vector(
-        self,
-        vector: np.ndarray,
-        k: int,
-        collection: str | tuple[str, ...],
-        category: str | None = None,
-        accept: Callable[[ItemMeta], bool] | None = None,
-    ) -> list[Hit]:
-        shards = self.active.shards
-        if vector.shape != (shards.dim,):
-            raise ValueError(
-                f"vector must have {shards.dim} numbers (the active encoder's dimension), not {vector.size}"
-            )
-        norm = float(np.linalg.norm(vector))
-        if not np.isfinite(norm) or norm == 0:
-            raise ValueError("vector must be finite and not all zeros")
-        started = time.perf_counter()
-        hits = shards.search((vector / norm).astype(np.float32), k, collection, category, accept)
-        self.vector_search_s += 0.1 * (time.perf_counter() - started - self.vector_search_s)
-        return hits
-
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
         for generation in self.generations():
             generation.close()
-
-
-def _ms(a: float, b: float) -> float:
-    return round((b - a) * 1000, 2)
 
 
 ACTIVE_FILE = "active-generation.json"

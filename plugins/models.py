@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+# Re-exported for plugins: raise it from a model when a failure is not the input's fault.
+from indexer.failures import RetryableError as RetryableError
+
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
@@ -45,15 +48,6 @@ class ModelContext:
 
 class ModelNotAvailable(RuntimeError):
     """The model's files are not on this machine; the message says how to provide them."""
-
-
-class RetryableError(RuntimeError):
-    """Raised by a model when the failure is not the input's fault (a remote service away, no memory).
-
-    The consumer retries the batch with backoff and never dead-letters its
-    events; any other exception a model raises is taken as the input's fault
-    once the batch has been split down to the one event that fails.
-    """
 
 
 @runtime_checkable

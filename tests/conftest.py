@@ -1,4 +1,4 @@
-"""Shared fixtures: the real default models (loaded once) and a local broker."""
+"""Shared fixtures: the real default models (loaded once), a local broker, a node with a small catalog."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.crash_recovery import free_port, install_example
 from indexer.config import Settings
+from indexer.events import Event
+from indexer.node import Node
+from indexer.store.thumbnails import store_thumbnails
+from indexer.web.app import create_app
 from plugins.manager import Models, build_plugin_manager, load_models
 from plugins.models import ModelContext
+from tests.support.imagegen import encoded, product_image
+from tests.support.processes import free_port, install_example
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +84,32 @@ def tiny_clip(tmp_path_factory):
     CLIPVisionModelWithProjection(config).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+def catalog_event(i: int) -> Event:
+    attrs = {
+        "category": ("top", "bag")[i % 2],
+        "title": f"item {i}",
+        "brand": ("Acme", "Zeta")[i % 3 == 0],
+        "price": 10.0 * i,
+    }
+    return Event("product.upsert", f"p{i}", i, image=encoded(product_image(i)), attrs=attrs)
+
+
+@pytest.fixture
+def node(default_models, tmp_path):
+    """A node with real models over 6 indexed products and a post, thumbnails kept; no Kafka."""
+    settings = Settings.model_validate({"api": {"max_request_bytes": 200_000, "max_k": 20}, "data_dir": str(tmp_path)})
+    node = Node.create(settings, default_models)
+    events = [catalog_event(i) for i in range(6)]
+    events.append(Event("post.upsert", "look-1", 9, image=encoded(product_image(3)), attrs={"user": "u1"}))
+    ops = node.active.pipeline.process(events)
+    node.active.shards.apply(ops)
+    store_thumbnails(node.thumbnails, ops)
+    return node
+
+
+@pytest.fixture
+async def client(aiohttp_client, node):
+    """A real aiohttp server over ``node``, without consumers."""
+    return await aiohttp_client(create_app(node, consume=False))

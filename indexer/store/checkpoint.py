@@ -12,6 +12,11 @@ A checkpoint is taken from one :class:`~indexer.store.shards.View` and the offse
 applied at that moment; since published rows are only ever appended past the
 view's count or marked deleted with a later sequence, the files can be written
 in a background thread while the consumer goes on.
+
+The files hold CPU arrays and FAISS indexes whatever the search backend (a
+GPU backend keeps a CPU copy of every row), so a checkpoint written on one
+backend loads on any other: it is read as FAISS reads it, and
+``ShardSet.restore`` makes its segments live on the node's backend.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import faiss
 import msgpack
 import numpy as np
 
-from indexer.store.segments import NEVER, IndexPolicy, ItemMeta, Segment, growing_from, restore_search_params
+from indexer.config import ShardSettings
+from indexer.store.backends import Backend, FaissBackend
+from indexer.store.segments import NEVER, ItemMeta, Segment, growing_from
 from indexer.store.shards import ShardSet, View
 
 log = logging.getLogger(__name__)
@@ -173,11 +180,11 @@ def _prune(root: Path, keep: int) -> None:
 def load_latest(
     root: Path,
     generation: dict[str, Any],
-    policy: IndexPolicy,
-    backend: str = "cpu",
+    settings: ShardSettings,
+    backend: Backend | None = None,
     skipped: list[str] | None = None,
 ) -> tuple[Checkpoint, ShardSet] | None:
-    """The newest readable checkpoint of this model generation, with its shards restored.
+    """The newest readable checkpoint of this model generation, with its shards restored onto ``backend``.
 
     A checkpoint that cannot be read (a damaged file, a disk error) is logged,
     appended to ``skipped`` as "name: why", and the previous one is tried: the
@@ -185,7 +192,7 @@ def load_latest(
     """
     for path in reversed(_complete(root)):
         try:
-            return _load(path, generation, policy, backend)
+            return _load(path, generation, settings, backend)
         except _NotThisGeneration as e:
             log.warning("skipping checkpoint %s: %s", path.name, e)
         except Exception as e:
@@ -199,7 +206,9 @@ class _NotThisGeneration(Exception):
     """A complete checkpoint, of another format or model generation: not an error."""
 
 
-def _load(path: Path, generation: dict[str, Any], policy: IndexPolicy, backend: str) -> tuple[Checkpoint, ShardSet]:
+def _load(
+    path: Path, generation: dict[str, Any], settings: ShardSettings, backend: Backend | None
+) -> tuple[Checkpoint, ShardSet]:
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest.get("format") != FORMAT:
         raise _NotThisGeneration(f"format {manifest.get('format')}")
@@ -210,6 +219,7 @@ def _load(path: Path, generation: dict[str, Any], policy: IndexPolicy, backend: 
     def read(name: str) -> bytes:
         return _read(path, name, sums)
 
+    stored = FaissBackend()  # reads the segments as written; ShardSet.restore makes them live on ``backend``
     states = {}
     for entry in manifest["shards"]:
         n = entry["id"]
@@ -221,31 +231,24 @@ def _load(path: Path, generation: dict[str, Any], policy: IndexPolicy, backend: 
             keys = np.full(len(metas), -1, np.int64)
             if entry["sealed"] == "flat":
                 vectors = _npy_load(read(f"{n}.sealed.npy"))
-                sealed = Segment("flat", keys, deleted_at, metas, len(metas), int(dead.sum()), vectors=vectors)
+                sealed = Segment(
+                    "flat", keys, deleted_at, metas, len(metas), int(dead.sum()), vectors=vectors, backend=stored
+                )
             else:
                 raw = np.frombuffer(read(f"{n}.sealed.faiss"), dtype=np.uint8)
-                sealed = restore_search_params(
-                    Segment(
-                        entry["sealed"],
-                        keys,
-                        deleted_at,
-                        metas,
-                        len(metas),
-                        int(dead.sum()),
-                        index=faiss.deserialize_index(raw),
-                    ),
-                    policy,
+                index = faiss.deserialize_index(raw)
+                sealed = Segment(
+                    entry["sealed"], keys, deleted_at, metas, len(metas), int(dead.sum()), index=index, backend=stored
                 )
         vectors = _npy_load(read(f"{n}.growing.npy"))
         metas = [_meta(r) for r in msgpack.unpackb(read(f"{n}.growing.meta"))]
-        growing = growing_from(vectors, np.full(len(metas), -1, np.int64), metas, 256)
+        growing = growing_from(vectors, np.full(len(metas), -1, np.int64), metas, 256, stored)
         states[(entry["collection"], entry["category"])] = (sealed, growing)
     dim = generation["dim"]
-    shards = ShardSet.restore(dim, policy, states, manifest["seq"], backend)
+    shards = ShardSet.restore(dim, settings, states, manifest["seq"], backend)
     checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
     log.info("restored checkpoint %s: %d records", path.name, sum(shards.records(c) for c in ("products", "posts")))
     return checkpoint, shards
-    return None
 
 
 class Checkpointer:

@@ -1,24 +1,26 @@
 """Segments: the immutable-once-published row stores a shard searches.
 
-A shard has at most one *sealed* segment (a FAISS HNSW or IVF index built in
-the background, or an exact flat one while the shard is small) and one
-*growing* segment (a preallocated float32 array searched exactly with
-``faiss.knn``). Rows are never removed in place: a delete writes the sequence
-number of its batch into ``deleted_at``, and a reader at sequence ``S`` skips
-rows deleted at or before ``S``. Readers therefore never lock (see shards.py).
+A shard has at most one *sealed* segment (built in the background: a FAISS
+HNSW or IVF index, or exact flat rows while the shard is small or on a GPU)
+and one *growing* segment (a preallocated float32 array searched exactly).
+Rows are never removed in place: a delete writes the sequence number of its
+batch into ``deleted_at``, and a reader at sequence ``S`` skips rows deleted
+at or before ``S``. Readers therefore never lock (see shards.py).
+
+What a segment is lives here; how it is built and searched depends on the
+search backend (backends.py), which every segment names.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 
-from indexer.store import gpu
+if TYPE_CHECKING:
+    from indexer.store.backends import Backend
 
 NEVER = np.iinfo(np.int64).max
 BLOCK_ROWS = 65_536  # rows an index build reads at a time: 320 MB at 1280-d
@@ -38,23 +40,8 @@ class ItemMeta:
 
 
 @dataclass(frozen=True)
-class IndexPolicy:
-    """When to seal a shard into an ANN index, and which one (see docs/architecture.md)."""
-
-    seal_min_rows: int = 10_000  # below this, exact search is fast enough
-    growing_max_rows: int = 20_000  # rebuild once the growing segment is this large
-    rebuild_dead_fraction: float = 0.2  # ...or this share of the sealed rows are deleted
-    rebuild_min_dead: int = 1024  # ...and at least this many
-    hnsw_max_rows: int = 200_000  # HNSW up to here, IVF above
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 64
-    hnsw_ef_search: int = 128
-    ivf_nprobe_fraction: float = 1 / 16
-
-
-@dataclass(frozen=True)
 class Segment:
-    kind: str  # "flat" (growing or small sealed), "hnsw", "ivf"
+    kind: str  # "flat" (growing, small sealed, or sealed on a GPU), "hnsw", "ivf"
     keys: np.ndarray  # (capacity,) int64 item key of each row
     deleted_at: np.ndarray  # (capacity,) int64: sequence of the deleting batch, or NEVER
     metas: list[ItemMeta]  # one per row (appended in place for the growing segment)
@@ -63,7 +50,9 @@ class Segment:
     vectors: np.ndarray | None = None  # flat rows (capacity, dim)
     index: Any = None  # FAISS index for hnsw / ivf
     search_params: Any = None
-    gpu: Any = None  # CUDA tensor mirroring ``vectors`` (torch-cuda backend)
+    mirror: Any = None  # the rows on the backend's device (torch-cuda: a tensor mirroring ``vectors``)
+    #: the backend that searches this segment (and made its ``index`` or ``mirror``)
+    backend: Backend = field(kw_only=True)
 
     @property
     def live(self) -> int:
@@ -73,13 +62,7 @@ class Segment:
         """Top-k rows of each query that are live at sequence ``seq``."""
         if self.count == 0:
             return [[] for _ in queries]
-        wanted = min(self.count, k + self.dead)
-        if self.gpu is not None:
-            scores, rows = gpu.knn(self.gpu, self.count, queries, wanted)
-        elif self.index is None:
-            scores, rows = faiss.knn(queries, self.vectors[: self.count], wanted, metric=faiss.METRIC_INNER_PRODUCT)
-        else:
-            scores, rows = self.index.search(queries, wanted, params=self.search_params)
+        scores, rows = self.backend.knn(self, queries, min(self.count, k + self.dead))
         results = []
         for q_scores, q_rows in zip(scores.tolist(), rows.tolist()):
             found = []
@@ -112,7 +95,7 @@ class Segment:
         return replace(self, count=self.count if count is None else count, dead=self.dead if dead is None else dead)
 
 
-def empty_growing(dim: int, capacity: int = 256, backend: str = "cpu") -> Segment:
+def empty_growing(dim: int, backend: Backend, capacity: int = 256) -> Segment:
     return Segment(
         "flat",
         np.full(capacity, -1, np.int64),
@@ -121,21 +104,27 @@ def empty_growing(dim: int, capacity: int = 256, backend: str = "cpu") -> Segmen
         0,
         0,
         vectors=np.empty((capacity, dim), np.float32),
-        gpu=gpu.allocate(capacity, dim) if backend == gpu.NAME else None,
+        mirror=backend.allocate(capacity, dim),
+        backend=backend,
     )
 
 
 def growing_from(
-    vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], capacity: int, backend: str = "cpu"
+    vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], capacity: int, backend: Backend
 ) -> Segment:
     n, dim = vectors.shape
-    segment = empty_growing(dim, max(capacity, n, 256), backend)
+    segment = empty_growing(dim, backend, max(capacity, n, 256))
     segment.vectors[:n] = vectors
     segment.keys[:n] = keys
     segment.metas.extend(metas)
-    if segment.gpu is not None:
-        gpu.write(segment.gpu, 0, vectors)
+    backend.write(segment.mirror, 0, vectors)
     return segment.with_counts(count=n)
+
+
+def built_segment(keys: np.ndarray, metas: list[ItemMeta], kind: str, backend: Backend, **rows: Any) -> Segment:
+    """A newly built segment: every row live, holding copies of the keys and metadata it was built from."""
+    n = len(keys)
+    return Segment(kind, keys.copy(), np.full(n, NEVER, np.int64), list(metas), n, 0, backend=backend, **rows)
 
 
 @dataclass(frozen=True)
@@ -154,6 +143,10 @@ class RowSource:
     @classmethod
     def of_segments(cls, parts: list[tuple[Segment, np.ndarray]], dim: int) -> RowSource:
         return cls(tuple((segment.row_vectors, rows) for segment, rows in parts), dim)
+
+    @classmethod
+    def of(cls, vectors: np.ndarray | RowSource) -> RowSource:
+        return vectors if isinstance(vectors, RowSource) else cls.of_array(vectors)
 
     @classmethod
     def of_array(cls, vectors: np.ndarray) -> RowSource:
@@ -187,82 +180,3 @@ class RowSource:
         n = len(self)
         for start in range(0, n, size):
             yield self.take(np.arange(start, min(start + size, n)))
-
-
-def build_sealed(
-    vectors: np.ndarray | RowSource,
-    keys: np.ndarray,
-    metas: list[ItemMeta],
-    policy: IndexPolicy,
-    backend: str = "cpu",
-    previous: Segment | None = None,
-) -> Segment:
-    """An index over these rows: exact flat when small, HNSW when medium, IVF when large.
-
-    On the torch-cuda backend every sealed segment is an exact flat one on the
-    GPU: a matrix product there is faster than an ANN index on the CPU.
-    Runs in the background builder thread; FAISS releases the GIL while it works.
-    An ANN index reads its rows a block at a time (see ``RowSource``).
-    An IVF rebuild keeps the ``previous`` segment's centroids while the shard
-    has at most twice the rows they were trained for: training (k-means) is
-    most of an IVF build, 15 of 18 minutes at 1M x 1280 on one core.
-    """
-    rows = vectors if isinstance(vectors, RowSource) else RowSource.of_array(vectors)
-    n, dim = len(rows), rows.dim
-    deleted = np.full(n, NEVER, np.int64)
-    if backend == gpu.NAME:
-        flat = rows.all()
-        return Segment("flat", keys.copy(), deleted, list(metas), n, 0, vectors=flat, gpu=gpu.mirror(flat, max(n, 1)))
-    if n < policy.seal_min_rows:
-        return Segment("flat", keys.copy(), deleted, list(metas), n, 0, vectors=rows.all())
-    if n <= policy.hnsw_max_rows:
-        index = faiss.IndexHNSWFlat(dim, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = policy.hnsw_ef_construction
-        for block in rows.blocks():
-            index.add(block)
-        params = faiss.SearchParametersHNSW(efSearch=policy.hnsw_ef_search)
-        return Segment("hnsw", keys.copy(), deleted, list(metas), n, 0, index=index, search_params=params)
-    nlist = int(4 * math.sqrt(n))
-    quantizer = faiss.IndexFlatIP(dim)
-    if previous is not None and previous.kind == "ivf" and previous.index.nlist >= nlist / math.sqrt(2):
-        nlist = previous.index.nlist  # trained for at least half as many rows: keep its centroids
-        quantizer.add(previous.index.quantizer.reconstruct_n(0, nlist))
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.is_trained = True
-    else:
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
-        index.train(rows.take(np.sort(sample)))
-    for block in rows.blocks():
-        index.add(block)
-    index.make_direct_map()  # for reconstruct() when the segment is rebuilt
-    params = faiss.SearchParametersIVF(nprobe=max(8, int(nlist * policy.ivf_nprobe_fraction)))
-    return Segment("ivf", keys.copy(), deleted, list(metas), n, 0, index=index, search_params=params)
-
-
-def restore_search_params(segment: Segment, policy: IndexPolicy) -> Segment:
-    """Search parameters are not serialised with an index; set them again after loading."""
-    if segment.kind == "hnsw":
-        return replace(segment, search_params=faiss.SearchParametersHNSW(efSearch=policy.hnsw_ef_search))
-    if segment.kind == "ivf":
-        nlist = segment.index.nlist
-        return replace(
-            segment, search_params=faiss.SearchParametersIVF(nprobe=max(8, int(nlist * policy.ivf_nprobe_fraction)))
-        )
-    return segment
-
-
-def on_backend(segment: Segment, backend: str) -> Segment:
-    """The segment as the backend searches it: on torch-cuda, flat rows mirrored on the GPU."""
-    if backend != gpu.NAME or segment.gpu is not None:
-        return segment
-    rows = np.arange(segment.count)
-    vectors = segment.row_vectors(rows) if segment.vectors is None else segment.vectors
-    return replace(
-        segment,
-        kind="flat",
-        vectors=vectors,
-        index=None,
-        search_params=None,
-        gpu=gpu.mirror(vectors[: segment.count], max(len(vectors), 1)),
-    )

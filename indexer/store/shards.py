@@ -12,7 +12,7 @@ each search sees one consistent moment of the whole shard set:
   (sequence, and per shard its segments) by replacing one reference. A reader
   holding the old view never looks at the new rows and still sees the rows
   that batch deleted.
-* When a shard grows past ``IndexPolicy.growing_max_rows`` (or collects too
+* When a shard grows past ``ShardSettings.growing_max_rows`` (or collects too
   many deleted rows), a background thread builds a sealed index over the rows
   live at some sequence ``S``. The writer swaps it in at a later batch: rows
   deleted since ``S`` are marked deleted in it, rows added since ``S`` stay in
@@ -48,19 +48,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.store import gpu
+from indexer.config import ShardSettings
+from indexer.store.backends import Backend, FaissBackend
 from indexer.store.records import Delete, Upsert
-from indexer.store.segments import (
-    NEVER,
-    IndexPolicy,
-    ItemMeta,
-    RowSource,
-    Segment,
-    build_sealed,
-    empty_growing,
-    growing_from,
-    on_backend,
-)
+from indexer.store.segments import NEVER, ItemMeta, RowSource, Segment, empty_growing, growing_from
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +100,12 @@ class Shard:
     """The writer's side of one shard: where each item's row is, and the current segments."""
 
     def __init__(
-        self, dim: int, sealed: Segment | None = None, growing: Segment | None = None, backend: str = "cpu"
+        self, dim: int, sealed: Segment | None = None, growing: Segment | None = None, backend: Backend | None = None
     ) -> None:
         self.dim = dim
-        self.backend = backend
+        self.backend = backend or FaissBackend()
         self.sealed = sealed
-        self.growing = growing or empty_growing(dim, backend=backend)
+        self.growing = growing or empty_growing(dim, self.backend)
         self.building: Future | None = None
         self._deleted_while_building: list[np.ndarray] = []  # item keys removed since the running build began
 
@@ -128,8 +119,7 @@ class Shard:
         if g.count + n > len(g.keys):
             g = self._compacted_growing(capacity=max(2 * len(g.keys), g.count + n))
         g.vectors[g.count : g.count + n] = vectors
-        if g.gpu is not None:
-            gpu.write(g.gpu, g.count, vectors)
+        self.backend.write(g.mirror, g.count, vectors)
         g.keys[g.count : g.count + n] = keys
         g.metas.extend(metas)
         self.growing = g.with_counts(count=g.count + n)
@@ -167,17 +157,17 @@ class Shard:
         live = g.live_rows(NEVER - 1)
         return growing_from(g.vectors[live], g.keys[live], _take(g.metas, live), capacity, self.backend)
 
-    def needs_rebuild(self, policy: IndexPolicy) -> bool:
+    def needs_rebuild(self, settings: ShardSettings) -> bool:
         """Seal once the shard is big enough for an index; rebuild when the growing part or the dead rows pile up."""
-        if self.building is not None or self.state.live < policy.seal_min_rows:
+        if self.building is not None or self.state.live < settings.seal_min_rows:
             return False
         sealed = self.sealed
-        if sealed is None or self.growing.count >= policy.growing_max_rows:
+        if sealed is None or self.growing.count >= settings.growing_max_rows:
             return True
-        return sealed.dead >= max(policy.rebuild_min_dead, policy.rebuild_dead_fraction * sealed.count)
+        return sealed.dead >= max(settings.rebuild_min_dead, settings.rebuild_dead_fraction * sealed.count)
 
-    def start_build(self, builder: ThreadPoolExecutor, seq: int, policy: IndexPolicy) -> None:
-        self.building = builder.submit(build_from_state, self.state, seq, policy, self.backend)
+    def start_build(self, builder: ThreadPoolExecutor, seq: int, settings: ShardSettings) -> None:
+        self.building = builder.submit(build_from_state, self.state, seq, settings, self.backend)
         self._deleted_while_building = []
 
     def install(self, built: Segment, seq: int) -> None:
@@ -274,23 +264,24 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def build_from_state(state: ShardState, seq: int, policy: IndexPolicy, backend: str = "cpu") -> Segment:
+def build_from_state(state: ShardState, seq: int, settings: ShardSettings, backend: Backend) -> Segment:
     """Background job: a sealed segment over every row of ``state`` live at ``seq``."""
     live = [(segment, segment.live_rows(seq)) for segment in state.segments]
     keys = np.concatenate([segment.keys[rows] for segment, rows in live])
     metas = list(itertools.chain.from_iterable(_take(segment.metas, rows) for segment, rows in live))
     rows = RowSource.of_segments(live, state.segments[0].dim)
-    return build_sealed(rows, keys, metas, policy, backend, previous=state.sealed)
+    return backend.build_sealed(rows, keys, metas, settings, previous=state.sealed)
 
 
 class ShardSet:
     """All shards of a node: routes upserts and deletes, merges search results, schedules rebuilds."""
 
-    def __init__(self, dim: int, policy: IndexPolicy | None = None, backend: str = "cpu") -> None:
+    def __init__(self, dim: int, settings: ShardSettings | None = None, backend: Backend | None = None) -> None:
+        """``backend``: the node's is ``backends.choose(settings.backend)``; without one, FAISS on the CPU."""
         self.dim = dim
-        self.policy = policy or IndexPolicy()
-        #: "cpu" (FAISS) or "torch-cuda" (exact search on the GPU, see indexer/store/gpu.py)
-        self.backend = backend
+        self.settings = settings or ShardSettings()
+        #: builds, holds and searches every segment of every shard (indexer/store/backends.py)
+        self.backend = backend or FaissBackend()
         self._shards: dict[ShardKey, Shard] = {}  # writer-only
         self._records: dict[tuple[str, str], list[tuple[ShardKey, int]]] = {}  # writer-only
         self._record_counts: dict[str, int] = {}
@@ -309,16 +300,17 @@ class ShardSet:
     def restore(
         cls,
         dim: int,
-        policy: IndexPolicy,
+        settings: ShardSettings,
         states: dict[ShardKey, tuple[Segment | None, Segment]],
         seq: int,
-        backend: str = "cpu",
+        backend: Backend | None = None,
     ) -> ShardSet:
-        """Rebuild the writer's bookkeeping around segments loaded from a checkpoint.
+        """Rebuild the writer's bookkeeping around segments loaded from a checkpoint, live on ``backend``.
 
         The loaded segments' ``keys`` are placeholders; fresh item keys are given here.
         """
-        shards = cls(dim, policy, backend)
+        shards = cls(dim, settings, backend)
+        backend = shards.backend
         for shard_key, (sealed, growing) in states.items():
             for segment in (sealed, growing):
                 if segment is None:
@@ -334,8 +326,8 @@ class ShardSet:
                             shards._record_counts[meta.collection] = shards._record_counts.get(meta.collection, 0) + 1
                         shards._records[record].append((shard_key, key))
                         shards._record_items[record] = (*shards._record_items.get(record, ()), meta)
-            sealed = None if sealed is None else on_backend(sealed, backend)
-            shards._shards[shard_key] = Shard(dim, sealed, on_backend(growing, backend), backend)
+            sealed = None if sealed is None else backend.make_live(sealed, settings)
+            shards._shards[shard_key] = Shard(dim, sealed, backend.make_live(growing, settings), backend)
         shards._publish(seq)
         return shards
 
@@ -389,7 +381,7 @@ class ShardSet:
             for key, shard in self._shards.items():
                 if shard.building is None and shard.state.live:
                     log.info("rebuilding shard %s/%s on request", *key)
-                    shard.start_build(self._builder, self.view.seq, self.policy)
+                    shard.start_build(self._builder, self.view.seq, self.settings)
                     scheduled += 1
             return scheduled
 
@@ -406,9 +398,9 @@ class ShardSet:
 
     def _schedule_rebuilds(self, seq: int) -> None:
         for key, shard in self._shards.items():
-            if shard.needs_rebuild(self.policy):
+            if shard.needs_rebuild(self.settings):
                 log.info("rebuilding shard %s/%s (%d live rows)", *key, shard.state.live)
-                shard.start_build(self._builder, seq, self.policy)
+                shard.start_build(self._builder, seq, self.settings)
 
     def _install_finished(self, seq: int) -> None:
         for key, shard in self._shards.items():

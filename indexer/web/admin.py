@@ -1,8 +1,9 @@
-"""Admin routes behind a bearer token: snapshot, rebuild, swap.
+"""Admin routes behind a bearer token: snapshot, rebuild, swap, as a sub-app mounted at ``/admin/``.
 
 ``api.admin_token`` (a pydantic ``SecretStr``, so neither logs nor ``/stats``
 show it) enables them; without it they answer 403. Tokens are compared in
-constant time.
+constant time. The token check is the sub-app's own middleware, so it guards
+every route added here and nothing else.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from indexer.config import ModelSettings
-from indexer.web.search import NODE, error
+from indexer.web.errors import error
+from indexer.web.keys import NODE
 
 SNAPSHOT_TIMEOUT_S = 60
 
 
 @web.middleware
 async def require_token(request: web.Request, handler) -> web.StreamResponse:
-    if not request.path.startswith("/admin/"):
-        return await handler(request)
-    token = request.app[NODE].settings.api.admin_token
+    token = request.config_dict[NODE].settings.api.admin_token
     if token is None:
         raise error(web.HTTPForbidden, "admin routes are disabled: set api.admin_token")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -36,7 +36,7 @@ async def require_token(request: web.Request, handler) -> web.StreamResponse:
 
 async def snapshot(request: web.Request) -> web.Response:
     """Write a checkpoint now (and commit its offsets)."""
-    consumer = request.app[NODE].active.consumer
+    consumer = request.config_dict[NODE].active.consumer
     if consumer is None or not consumer.running or consumer.checkpointer is None:
         raise error(web.HTTPConflict, "no durable consumer is running on this node")
     future = consumer.request_checkpoint()
@@ -46,13 +46,13 @@ async def snapshot(request: web.Request) -> web.Response:
 
 async def rebuild(request: web.Request) -> web.Response:
     """Rebuild every shard's sealed segment in the background (drops deleted rows)."""
-    scheduled = request.app[NODE].active.shards.rebuild_all()
+    scheduled = request.config_dict[NODE].active.shards.rebuild_all()
     return web.json_response({"scheduled": scheduled}, status=202)
 
 
 async def swap(request: web.Request) -> web.Response:
     """Start a generation for new model settings (JSON, as ``[models]``); it takes over once caught up."""
-    node = request.app[NODE]
+    node = request.config_dict[NODE]
     try:
         body = await request.json()
         selection = ModelSettings.model_validate({**node.active.selection.model_dump(), **body})
@@ -68,7 +68,10 @@ async def swap(request: web.Request) -> web.Response:
     return web.json_response({"generation": generation.id, "state": "catching-up"}, status=202)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/admin/snapshot", snapshot)
-    app.router.add_post("/admin/rebuild", rebuild)
-    app.router.add_post("/admin/swap", swap)
+def admin_app() -> web.Application:
+    """The admin sub-app; the parent app's state (the node) is read through ``request.config_dict``."""
+    app = web.Application(middlewares=[require_token])
+    app.router.add_post("/snapshot", snapshot)
+    app.router.add_post("/rebuild", rebuild)
+    app.router.add_post("/swap", swap)
+    return app

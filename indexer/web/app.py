@@ -1,11 +1,10 @@
-"""The HTTP app of a node, built by :func:`create_app`.
+"""The HTTP app of a node: :func:`create_app` and its lifecycle.
 
-Search and item routes are in indexer/web/search.py; this module holds the
-operational ones (``/stats``, ``/healthz``, ``/readyz``, ``/metrics``,
-``/openapi.json``) and the app's lifecycle: with ``consume=True`` it runs the
-node's consumers for its lifetime and flips generations once a new one has
-caught up. Model inference and search run in the node's executor so the event
-loop keeps answering while they work.
+Routes are listed in indexer/web/routes.py and handled in modules of their own
+(search, items, ops, admin). Here: the app's state (indexer/web/keys.py), and
+its lifecycle: with ``consume=True`` it runs the node's consumers for its
+lifetime, flips generations once a new one has caught up, reports ingestion
+that gave up for good, reloads the config on SIGHUP, and closes the node.
 """
 
 from __future__ import annotations
@@ -15,112 +14,20 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 from aiohttp import web
 
-from indexer.web import admin, openapi
 from indexer.config import Settings
-from indexer.events import COLLECTIONS
-from indexer.web.metrics import CONTENT_TYPE, Metrics
 from indexer.node import Node
-from indexer.web.search import METRICS, NODE, error, item, recent, search, search_vector, thumbnail
+from indexer.web.errors import json_errors
+from indexer.web.keys import CONSUMING, METRICS, NODE, ON_FATAL, RELOAD, WORKERS
+from indexer.web.metrics import Metrics
+from indexer.web.routes import add_routes
+from indexer.web.workers import SearchWorkers
 
 log = logging.getLogger(__name__)
 
-RELOAD = web.AppKey("reload", object)
-CONSUMING = web.AppKey("consuming", bool)
-#: Called once, on the event loop, with the reason when ingestion stops for good.
-ON_FATAL = web.AppKey("on_fatal", Callable[[str], None])
 FLIP_CHECK_S = 0.5
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """Every error is JSON ``{"error": ...}``, also those aiohttp raises itself (404, 405, 413)."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400 or e.content_type == "application/json":
-            raise
-        message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
-        return web.json_response(
-            {"error": message},
-            status=e.status,
-            headers={k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")},
-        )
-
-
-async def stats(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    active, building = node.active, node.building
-    described = active.describe()
-    return web.json_response(
-        {
-            "models": described,
-            "backend": active.shards.backend,
-            "records": {c: active.shards.records(c) for c in COLLECTIONS},
-            "shards": active.shards.sizes(),
-            "ingest": active.stats.snapshot(),
-            "consumer": described["consumer"],
-            # Both generations while a new one catches up (docs/architecture.md, "Generations").
-            "generations": [
-                {**g.describe(), "state": state, "ingest": g.stats.snapshot()}
-                for g, state in ((active, "active"), (building, "catching-up"))
-                if g is not None
-            ],
-        }
-    )
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """The process serves HTTP."""
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Ready once the consumer has its partitions, hears from the broker, and is within ``api.ready_max_lag``.
-
-    The checkpoint is restored before the app exists, so a node that answers
-    here has its shards. Without consumers (``consume=False``) it is ready at once.
-    """
-    node = request.app[NODE]
-    consumer = node.active.consumer
-    reasons = []
-    if request.app[CONSUMING]:
-        if consumer is None:
-            reasons.append("the consumer has not started")
-        else:
-            reasons += consumer.health.problems(waiting=sum(consumer.lag.values()))
-            if not consumer.running and not consumer.health.gave_up:
-                reasons.append("the consumer thread has stopped")
-            elif not consumer.assigned.is_set():
-                reasons.append("the consumer has no partitions yet")
-            elif (consumer.heartbeat_age_s or 0) * 1000 > node.settings.kafka.session_timeout_ms:
-                age = consumer.heartbeat_age_s
-                reasons.append(f"no heartbeat to the Kafka group for {age:.0f} s: broker unreachable?")
-            elif consumer.lag and max(consumer.lag.values()) > node.settings.api.ready_max_lag:
-                reasons.append(f"consumer lag {max(consumer.lag.values())} is above {node.settings.api.ready_max_lag}")
-    if reasons:
-        return web.json_response({"ready": False, "reasons": reasons}, status=503)
-    return web.json_response({"ready": True, "reasons": []})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-
-PAGE = Path(__file__).parent / "static" / "index.html"
-
-
-async def page(request: web.Request) -> web.FileResponse:
-    """The search page: drop a photo, see its garments boxed and similar products under each."""
-    return web.FileResponse(PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
-
-
-async def openapi_document(request: web.Request) -> web.Response:
-    return web.json_response(openapi.document(request.app[NODE].settings))
 
 
 def create_app(
@@ -130,7 +37,9 @@ def create_app(
     reload_settings: Callable[[], Settings] | None = None,
     on_fatal: Callable[[str], None] | None = None,
 ) -> web.Application:
-    """The query app; ``consume`` runs the node's consumers for the app's lifetime.
+    """The HTTP app of ``node``; ``consume`` runs the node's consumers for the app's lifetime.
+
+    The app owns the node from here on: it closes it at cleanup.
 
     ``on_fatal`` is called if ingestion stops for good (the consumer gave up);
     by default it ends ``web.run_app``, and the CLI then exits non-zero.
@@ -138,31 +47,19 @@ def create_app(
     ``reload_settings`` (the CLI passes one that re-reads the config file) is
     called on SIGHUP: new model settings start a new generation.
     """
-    app = web.Application(
-        client_max_size=node.settings.api.max_request_bytes, middlewares=[json_errors, admin.require_token]
-    )
+    app = web.Application(client_max_size=node.settings.api.max_request_bytes, middlewares=[json_errors])
     app[NODE] = node
     app[METRICS] = Metrics(node)
+    app[WORKERS] = SearchWorkers(node.settings.api.inline_search_ms)
     app[CONSUMING] = consume
     app[ON_FATAL] = on_fatal or _stop_running_app
-    app.router.add_post("/search", search)
-    app.router.add_post("/search/vector", search_vector)
-    app.router.add_get("/items/{id}", item)
-    app.router.add_get("/items/{id}/thumbnail", thumbnail)
-    app.router.add_get("/recent", recent)
-    app.router.add_get("/", page)
-    app.router.add_get("/stats", stats)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi_document)
-    admin.add_routes(app)
+    add_routes(app)
     if consume:
         app.cleanup_ctx.append(_ingest)
     if reload_settings is not None:
         app[RELOAD] = reload_settings
         app.on_startup.append(_reload_on_sighup)
-    app.on_cleanup.append(_close_node)
+    app.on_cleanup.append(_close)
     return app
 
 
@@ -216,9 +113,8 @@ async def _reload_on_sighup(app: web.Application) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
 
 
-async def _close_node(app: web.Application) -> None:
-    """After the consumers (cleanup_ctx runs first): stop the query, build and checkpoint threads."""
-    await asyncio.get_running_loop().run_in_executor(None, app[NODE].close)
-
-
-__all__ = ["NODE", "create_app", "error"]
+async def _close(app: web.Application) -> None:
+    """After the consumers (cleanup_ctx runs first): stop the search workers, then the node's threads."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, app[WORKERS].close)
+    await loop.run_in_executor(None, app[NODE].close)

@@ -5,13 +5,13 @@ import asyncio
 import pytest
 from pydantic import SecretStr
 
-from indexer.web.app import create_app
 from indexer.config import Settings
 from indexer.events import Event
 from indexer.node import build_node
+from indexer.web.app import create_app
 from producers.publisher import make_producer, publish
-from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually
+from tests.support.imagegen import encoded, product_image
 
 pytestmark = pytest.mark.integration
 JPEG = {"Content-Type": "image/jpeg"}

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.crash_recovery import free_port
-from indexer.web.app import create_app
-from indexer.kafka.broker import LocalBroker, wait_for_port
 from indexer.config import Settings
 from indexer.events import Event
-from indexer.node import build_node
+from indexer.kafka.broker import LocalBroker, wait_for_port
 from indexer.kafka.topics import ensure_topics
+from indexer.node import build_node
+from indexer.web.app import create_app
 from producers.publisher import make_producer, publish
-from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually
+from tests.support.imagegen import encoded, product_image
+from tests.support.processes import free_port
 
 pytestmark = pytest.mark.integration
 JPEG = {"Content-Type": "image/jpeg"}

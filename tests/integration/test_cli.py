@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from benchmarks.crash_recovery import free_port
 from tests.support.imagegen import write_catalog
+from tests.support.processes import free_port
 
 pytestmark = pytest.mark.integration
 LOOKSTREAM = [sys.executable, "-m", "indexer"]

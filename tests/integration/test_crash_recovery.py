@@ -1,11 +1,11 @@
 """SIGKILL the indexer in the middle of a stream; after a restart every event is applied exactly once.
 
-The scenario is benchmarks/crash_recovery.py (which runs it 20 times at random points).
+The scenario is tests/support/crash.py (benchmarks/crash_recovery.py runs it 20 times at random points).
 """
 
 import pytest
 
-from benchmarks.crash_recovery import run_scenario
+from tests.support.crash import run_scenario
 
 pytestmark = pytest.mark.integration
 

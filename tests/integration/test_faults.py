@@ -18,16 +18,16 @@ import pytest
 from aiohttp import web
 
 from consumers.indexing import DETAIL_HEADER, REASON_HEADER
-from indexer.web.app import create_app
 from indexer.events import Event, encode_event
 from indexer.failures import Reason
-from indexer.node import Node
 from indexer.kafka.topics import ensure_topics
+from indexer.node import Node
+from indexer.web.app import create_app
 from plugins import hookimpl
 from plugins.manager import build_plugin_manager, load_models
 from plugins.models import ModelContext
-from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually, read_dead_letters
+from tests.support.imagegen import encoded, product_image
 
 pytestmark = pytest.mark.integration
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")

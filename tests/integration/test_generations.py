@@ -4,16 +4,15 @@ import asyncio
 
 import pytest
 
-from indexer.web.app import create_app
 from indexer.config import Settings
 from indexer.events import Event
 from indexer.node import build_node
+from indexer.web.app import create_app
 from producers.publisher import make_producer, publish
-from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually
+from tests.support.imagegen import JPEG, encoded, product_image
 
 pytestmark = pytest.mark.integration
-JPEG = {"Content-Type": "image/jpeg"}
 
 
 def product(i: int) -> Event:

@@ -6,16 +6,15 @@ import msgpack
 import pytest
 
 from consumers.indexing import DETAIL_HEADER, DROPPED_HEADER, REASON_HEADER, SOURCE_HEADER
-from indexer.web.app import create_app
 from indexer.events import Event, encode_event
 from indexer.failures import Reason
 from indexer.node import Node
+from indexer.web.app import create_app
 from producers.publisher import make_producer, publish
-from tests.support.imagegen import encoded, product_image
 from tests.integration.conftest import eventually, read_dead_letters
+from tests.support.imagegen import JPEG, encoded, product_image
 
 pytestmark = pytest.mark.integration
-JPEG = {"Content-Type": "image/jpeg"}
 
 
 @pytest.fixture

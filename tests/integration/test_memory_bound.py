@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from benchmarks.crash_recovery import _stats, _wait, free_port
 from indexer.events import Event, encode_event
 from indexer.kafka.topics import ensure_topics
 from producers.publisher import make_producer
+from tests.support.processes import free_port, node_stats, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -79,7 +79,7 @@ checkpoint_interval_s = 0.3
 
     node = start("first.log")
     try:
-        _wait(lambda: (_stats(port) or {}).get("consumer", {}).get("assigned"), 90, "assignment")
+        wait_until(lambda: (node_stats(port) or {}).get("consumer", {}).get("assigned"), 90, "assignment")
         limit = vm_data(node.pid) + HEADROOM
         resource.prlimit(node.pid, resource.RLIMIT_DATA, (limit, limit))
         producer = make_producer(kafka)
@@ -88,14 +88,16 @@ checkpoint_interval_s = 0.3
             producer.send(kafka.topics.products, key=event.id.encode(), value=encode_event(event))
         producer.flush()
         producer.close()
-        _wait(lambda: (s := _stats(port)) and s["ingest"]["consumed"] >= 16, 180, "the first batch")
+        wait_until(lambda: (s := node_stats(port)) and s["ingest"]["consumed"] >= 16, 180, "the first batch")
     finally:
         node.send_signal(signal.SIGKILL)
         node.wait(10)
 
     node = start("second.log", limit)
     try:
-        body = _wait(lambda: (s := _stats(port)) and s["ingest"]["consumed"] >= EVENTS and s, 300, "every event")
+        body = wait_until(
+            lambda: (s := node_stats(port)) and s["ingest"]["consumed"] >= EVENTS and s, 300, "every event"
+        )
         assert body["records"]["products"] == EVENTS and body["ingest"]["rejected"] == 0, body["ingest"]
         assert body["consumer"]["failures"] == {}, body["consumer"]  # no batch ran out of memory and was retried
         assert node.poll() is None

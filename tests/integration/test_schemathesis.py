@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 
 from indexer.web.app import create_app
-from tests.unit.test_api import node  # noqa: F401 -- fixture: real models, indexed products and thumbnails
 
 pytestmark = pytest.mark.integration
 SCHEMATHESIS = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
 
 
-async def test_generated_requests_get_no_server_error(aiohttp_server, node, tmp_path):  # noqa: F811
+async def test_generated_requests_get_no_server_error(aiohttp_server, node, tmp_path):
     server = await aiohttp_server(create_app(node, consume=False))
     process = await asyncio.create_subprocess_exec(
         SCHEMATHESIS,

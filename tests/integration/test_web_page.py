@@ -8,7 +8,6 @@ import zlib
 import pytest
 
 from indexer.web.app import create_app
-from tests.unit.test_api import node  # noqa: F401 -- fixture: real models, indexed products and thumbnails
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -56,7 +55,7 @@ def png_size_and_colours(data: bytes) -> tuple[int, int, int]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-async def test_page_shows_boxes_and_results_for_a_photo(aiohttp_server, node, tmp_path):  # noqa: F811
+async def test_page_shows_boxes_and_results_for_a_photo(aiohttp_server, node, tmp_path):
     server = await aiohttp_server(create_app(node, consume=False))
     url = f"http://127.0.0.1:{server.port}/?example=p2"
 

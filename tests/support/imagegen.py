@@ -7,6 +7,9 @@ import random
 
 from PIL import Image, ImageDraw
 
+#: Headers of a raw JPEG request body.
+JPEG = {"Content-Type": "image/jpeg"}
+
 
 def product_image(seed: int, size: tuple[int, int] = (160, 200)) -> Image.Image:
     rng = random.Random(seed)

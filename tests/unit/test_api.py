@@ -8,40 +8,7 @@ import numpy as np
 import pytest
 
 from indexer.web.app import create_app
-from indexer.config import Settings
-from indexer.events import Event
-from indexer.node import Node
-from indexer.store.thumbnails import store_thumbnails
-from tests.support.imagegen import encoded, product_image
-
-JPEG = {"Content-Type": "image/jpeg"}
-
-
-def catalog_event(i: int) -> Event:
-    attrs = {
-        "category": ("top", "bag")[i % 2],
-        "title": f"item {i}",
-        "brand": ("Acme", "Zeta")[i % 3 == 0],
-        "price": 10.0 * i,
-    }
-    return Event("product.upsert", f"p{i}", i, image=encoded(product_image(i)), attrs=attrs)
-
-
-@pytest.fixture
-def node(default_models, tmp_path):
-    settings = Settings.model_validate({"api": {"max_request_bytes": 200_000, "max_k": 20}, "data_dir": str(tmp_path)})
-    node = Node.create(settings, default_models)
-    events = [catalog_event(i) for i in range(6)]
-    events.append(Event("post.upsert", "look-1", 9, image=encoded(product_image(3)), attrs={"user": "u1"}))
-    ops = node.pipeline.process(events)
-    node.shards.apply(ops)
-    store_thumbnails(node.thumbnails, ops)
-    return node
-
-
-@pytest.fixture
-async def client(aiohttp_client, node):
-    return await aiohttp_client(create_app(node, consume=False))
+from tests.support.imagegen import JPEG, encoded, product_image
 
 
 async def search(client, seed: int, query: str = "", fmt: str = "JPEG") -> dict:
@@ -87,16 +54,19 @@ async def test_posts_and_both_collections(client):
 async def test_vector_search_runs_fast_searches_inline_and_slow_ones_in_the_executor(
     client, node, monkeypatch, recent_search_s, thread
 ):
+    from indexer import search as query_flow
+    from indexer.web.keys import WORKERS
+
     threads = []
-    search_vector = node.search_vector
+    search_vector = query_flow.search_vector
 
     def recording(*args):
         threads.append(threading.current_thread().name)
         return search_vector(*args)
 
-    monkeypatch.setattr(node, "search_vector", recording)
-    node.vector_search_s = recent_search_s
-    vector = node.pipeline.encode([product_image(5)])[0]
+    monkeypatch.setattr(query_flow, "search_vector", recording)
+    client.server.app[WORKERS].vector_search_s = recent_search_s
+    vector = node.active.pipeline.encode([product_image(5)])[0]
     response = await client.post("/search/vector", json={"vector": (vector * 3).tolist(), "k": 2})
     body = await response.json()
     assert response.status == 200 and body["hits"][0]["id"] == "p5" and len(body["hits"]) == 2
@@ -191,8 +161,10 @@ async def test_metrics_count_queries_and_shards(client):
 
 
 def test_vector_dimension_is_the_active_encoders(node):
+    from indexer.search import Where, search_vector
+
     with pytest.raises(ValueError, match="1280"):
-        node.search_vector(np.ones(3, np.float32), 1, "products")
+        search_vector(node.active.shards, np.ones(3, np.float32), 1, Where(("products",)))
 
 
 async def test_search_command_prints_a_table(aiohttp_server, node, tmp_path):
@@ -245,8 +217,8 @@ async def test_admin_rebuild_swap_and_snapshot(admin_client, node, tiny_clip, ca
     auth = {"Authorization": f"Bearer {TOKEN}"}
     response = await admin_client.post("/admin/rebuild", headers=auth)
     assert response.status == 202 and (await response.json())["scheduled"] == 3
-    node.shards.wait_for_rebuilds(timeout=60)
-    assert node.shards.rebuilds == 3 and (await search(admin_client, 2))["hits"][0]["id"] == "p2"
+    node.active.shards.wait_for_rebuilds(timeout=60)
+    assert node.active.shards.rebuilds == 3 and (await search(admin_client, 2))["hits"][0]["id"] == "p2"
 
     response = await admin_client.post("/admin/snapshot", headers=auth)
     assert response.status == 409  # no consumer runs in this app

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 
+from indexer.config import ShardSettings
+from indexer.store import backends
 from indexer.store.checkpoint import load_latest, write_checkpoint
 from indexer.store.records import Delete
-from indexer.store.segments import IndexPolicy
 from indexer.store.shards import ShardSet
-from tests.unit.test_shards import DIM, fill, unit_vectors, upsert
+from tests.support.shards import DIM, fill, unit_vectors, upsert
 
-POLICY = IndexPolicy(seal_min_rows=200, growing_max_rows=150, hnsw_max_rows=1_000, hnsw_m=16, rebuild_min_dead=10_000)
+POLICY = ShardSettings(seal_min_rows=200, growing_max_rows=150, hnsw_max_rows=1_000, hnsw_m=16, rebuild_min_dead=10_000)
 GENERATION = {"encoder": "test", "version": "1", "dim": DIM}
 
 
@@ -98,3 +99,49 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     assert checkpoint.path == older.path and checkpoint.offsets == {"t/0": 5}
     assert len(skipped) == 1 and skipped[0].startswith(newest.path.name)
     assert restored.records("products") == 290  # without p-new: Kafka replays it from offset 5
+
+
+@pytest.mark.parametrize(
+    ("written_on", "read_on"), [("torch-cuda", "torch-cuda"), ("torch-cuda", "cpu"), ("cpu", "torch-cuda")]
+)
+def test_a_checkpoint_written_on_one_backend_loads_on_any(tmp_path, torch_backend, written_on, read_on):
+    """The files hold CPU arrays and FAISS indexes whatever the backend, so either backend reads them."""
+    backend = {"cpu": backends.by_name("cpu"), "torch-cuda": torch_backend}
+    data = unit_vectors(300)
+    shards = ShardSet(DIM, POLICY, backend[written_on])
+    fill(shards, data)
+    shards.wait_for_rebuilds(timeout=60)
+    assert shards.sizes()[0]["sealed"] == ("hnsw" if written_on == "cpu" else "flat")
+    write_checkpoint(tmp_path, shards.view, {}, {}, GENERATION)
+    _, restored = load_latest(tmp_path, GENERATION, POLICY, backend[read_on])
+    assert restored.backend is backend[read_on] and restored.records("products") == 300
+    state = restored.view.shards[("products", "top")]
+    assert {s.backend for s in state.segments} == {backend[read_on]}
+    if read_on == "torch-cuda":
+        assert state.sealed.mirror is not None and state.growing.mirror is not None
+    assert [restored.search(v, 1, "products")[0].id for v in data[:50]] == [f"p{i}" for i in range(50)]
+    ids = [[h.id for h in found] for found in (shards.search(v, 5, "products") for v in data[::7])]
+    assert [[h.id for h in restored.search(v, 5, "products")] for v in data[::7]] == ids
+
+
+@pytest.mark.parametrize(
+    ("settings", "kind"),
+    [
+        (ShardSettings(seal_min_rows=100, hnsw_max_rows=1_000, hnsw_ef_search=40), "hnsw"),
+        (ShardSettings(seal_min_rows=100, hnsw_max_rows=100, ivf_nprobe_fraction=0.5), "ivf"),
+    ],
+)
+def test_a_restored_index_is_searched_with_the_parameters_it_was_built_with(tmp_path, settings, kind):
+    """FAISS does not serialise search parameters: a load sets the same ones a build does."""
+    shards = ShardSet(DIM, settings)
+    fill(shards, unit_vectors(400), batch=400)
+    shards.wait_for_rebuilds(timeout=60)
+    built = shards.view.shards[("products", "top")].sealed
+    write_checkpoint(tmp_path, shards.view, {}, {}, GENERATION)
+    _, restored = load_latest(tmp_path, GENERATION, settings)
+    loaded = restored.view.shards[("products", "top")].sealed
+    assert built.kind == loaded.kind == kind
+    if kind == "hnsw":
+        assert built.search_params.efSearch == loaded.search_params.efSearch == 40
+    else:
+        assert built.search_params.nprobe == loaded.search_params.nprobe == built.index.nlist // 2

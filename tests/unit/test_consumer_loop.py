@@ -11,9 +11,9 @@ from kafka.errors import UnsupportedCodecError
 
 import consumers.indexing as indexing
 from consumers.indexing import IndexingConsumer
+from consumers.stats import IngestStats
 from indexer.config import IngestSettings, KafkaSettings
 from indexer.store.shards import ShardSet
-from consumers.stats import IngestStats
 
 
 class FakeConsumer:
@@ -118,9 +118,9 @@ def test_unready_after_consecutive_failures_and_when_stalled():
 
 
 async def test_the_app_reports_a_consumer_that_gave_up_and_stops(fake_kafka, aiohttp_client, default_models, tmp_path):
-    from indexer.web.app import create_app
     from indexer.config import Settings
     from indexer.node import Node
+    from indexer.web.app import create_app
 
     fake_kafka.fail_polls = 10**9
     settings = Settings.model_validate(

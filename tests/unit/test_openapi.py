@@ -3,8 +3,7 @@
 import jsonschema
 import pytest
 
-from tests.support.imagegen import encoded, product_image
-from tests.unit.test_api import JPEG, client, node  # noqa: F401 -- fixtures
+from tests.support.imagegen import JPEG, encoded, product_image
 
 REQUESTS = [
     ("post", "/search?k=2", {"data": encoded(product_image(1)), "headers": JPEG}, "/search"),
@@ -31,7 +30,7 @@ REQUESTS = [
 ]
 
 
-async def test_every_route_is_documented(client):  # noqa: F811
+async def test_every_route_is_documented(client):
     doc = await (await client.get("/openapi.json")).json()
     routes = {(r.method.lower(), r.resource.canonical) for r in client.app.router.routes() if r.method != "HEAD"}
     documented = {(method, path) for path, operations in doc["paths"].items() for method in operations}
@@ -41,7 +40,7 @@ async def test_every_route_is_documented(client):  # noqa: F811
 
 
 @pytest.mark.parametrize(("method", "url", "kwargs", "path"), REQUESTS, ids=[f"{r[0]} {r[1]}" for r in REQUESTS])
-async def test_answers_validate_against_the_document(client, method, url, kwargs, path):  # noqa: F811
+async def test_answers_validate_against_the_document(client, method, url, kwargs, path):
     doc = await (await client.get("/openapi.json")).json()
     response = await getattr(client, method)(url, **kwargs)
     spec = doc["paths"][path][method]["responses"]

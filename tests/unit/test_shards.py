@@ -4,21 +4,13 @@ import threading
 import numpy as np
 import pytest
 
-from indexer.store.records import Delete, Item, Upsert
-from indexer.store.segments import NEVER, IndexPolicy, ItemMeta, RowSource, build_sealed, growing_from
+from indexer.config import ShardSettings
+from indexer.store import backends
+from indexer.store.backends import FaissBackend
+from indexer.store.records import Delete
+from indexer.store.segments import NEVER, ItemMeta, RowSource, growing_from
 from indexer.store.shards import Shard, ShardSet
-
-DIM = 16
-
-
-def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def upsert(record_id: str, vectors, category="top", collection="products", attrs=None) -> Upsert:
-    items = tuple(Item(category, v, (0, 0, 1, 1), None, 1.0) for v in vectors)
-    return Upsert(collection, record_id, 0, attrs or {"n": record_id}, items)
+from tests.support.shards import DIM, fill, unit_vectors, upsert
 
 
 def metas(keys) -> list[ItemMeta]:
@@ -142,15 +134,8 @@ def test_readers_never_fail_or_miss_a_record_while_it_is_rewritten():
     assert shards.records("products") == 200 and sum(s["vectors"] for s in shards.sizes()) == 200
 
 
-SMALL = IndexPolicy(seal_min_rows=200, growing_max_rows=150, hnsw_max_rows=1_000, hnsw_m=16, rebuild_min_dead=50)
-
-
-def fill(shards: ShardSet, data: np.ndarray, start: int = 0, batch: int = 50, **kw) -> None:
-    for i in range(start, start + len(data), batch):
-        shards.apply([upsert(f"p{j}", [data[j - start]], **kw) for j in range(i, min(i + batch, start + len(data)))])
-
-
-IVF = IndexPolicy(seal_min_rows=500, growing_max_rows=10_000, hnsw_max_rows=300)
+SMALL = ShardSettings(seal_min_rows=200, growing_max_rows=150, hnsw_max_rows=1_000, hnsw_m=16, rebuild_min_dead=50)
+IVF = ShardSettings(seal_min_rows=500, growing_max_rows=10_000, hnsw_max_rows=300)
 
 
 @pytest.mark.parametrize(("policy", "kind"), [(SMALL, "hnsw"), (IVF, "ivf")])
@@ -237,65 +222,52 @@ def test_readers_never_miss_a_record_while_shards_are_rebuilt_under_them():
     assert shards.rebuilds >= 2 and problems == []
 
 
-@pytest.fixture
-def torch_backend(monkeypatch):
-    """The torch-cuda backend's code, on CUDA where a GPU is visible and on torch's CPU otherwise."""
-    import torch
-
-    from indexer.store import gpu
-
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(gpu, "DEVICE", "cpu")
-    return gpu.NAME
-
-
 def test_torch_backend_finds_the_same_as_faiss_through_growth_seal_and_deletes(torch_backend):
     data = unit_vectors(700)
     results = {}
-    for backend in ("cpu", torch_backend):
+    for backend in (backends.by_name("cpu"), torch_backend):
         shards = ShardSet(DIM, SMALL, backend)
         fill(shards, data[:600])
         shards.wait_for_rebuilds(timeout=60)
         shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 600, 3)])
         fill(shards, data[600:], start=600)
         shards.wait_for_rebuilds(timeout=60)
-        assert shards.backend == backend and shards.records("products") == 500
-        results[backend] = [[h.id for h in shards.search(v, 5, "products")] for v in data[::7]]
-        if backend == torch_backend:
-            state = shards.view.shards[("products", "top")]
-            assert state.sealed.gpu is not None and state.growing.gpu is not None
-    assert results["cpu"] == results[torch_backend]
+        assert shards.backend is backend and shards.records("products") == 500
+        results[backend.name] = [[h.id for h in shards.search(v, 5, "products")] for v in data[::7]]
+        state = shards.view.shards[("products", "top")]
+        if backend is torch_backend:
+            assert state.sealed.mirror is not None and state.growing.mirror is not None
+        assert {s.backend for s in state.segments} == {backend}
+    assert results["cpu"] == results["torch-cuda"]
 
 
-def test_torch_backend_checkpoint_round_trip(tmp_path, torch_backend):
-    from indexer.store.checkpoint import load_latest, write_checkpoint
+def test_backends_are_chosen_by_name_and_auto_takes_the_gpu_only_where_torch_sees_one(monkeypatch):
+    import torch
 
-    data = unit_vectors(300)
-    shards = ShardSet(DIM, SMALL, torch_backend)
-    fill(shards, data)
-    shards.wait_for_rebuilds(timeout=60)
-    generation = {"encoder": "t", "dim": DIM}
-    write_checkpoint(tmp_path, shards.view, {}, {}, generation)
-    _, restored = load_latest(tmp_path, generation, SMALL, torch_backend)
-    assert restored.backend == torch_backend
-    assert [restored.search(v, 1, "products")[0].id for v in data[:50]] == [f"p{i}" for i in range(50)]
+    assert isinstance(backends.by_name("cpu"), FaissBackend)
+    assert backends.by_name("torch-cuda").name == "torch-cuda"
+    with pytest.raises(ValueError, match=r"'faiss-gpu'.*cpu, torch-cuda"):
+        backends.by_name("faiss-gpu")
+    assert backends.choose("cpu").name == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.choose("auto").name == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backends.choose("auto").name == "torch-cuda"
 
 
 def test_search_uses_one_openmp_thread_and_gives_the_setting_back(monkeypatch):
     import faiss
 
-    from indexer.store import segments
-
     shards = ShardSet(DIM)
     shards.apply([upsert(f"r{i}", [v]) for i, v in enumerate(unit_vectors(50))])
     threads_seen = []
-    real_knn = segments.faiss.knn
+    real_knn = backends.faiss.knn
 
     def knn(*args, **kwargs):
         threads_seen.append(faiss.omp_get_max_threads())
         return real_knn(*args, **kwargs)
 
-    monkeypatch.setattr(segments.faiss, "knn", knn)
+    monkeypatch.setattr(backends.faiss, "knn", knn)
     faiss.omp_set_num_threads(2)
     try:
         assert shards.search(unit_vectors(1, seed=1)[0], 5, "products")
@@ -306,11 +278,11 @@ def test_search_uses_one_openmp_thread_and_gives_the_setting_back(monkeypatch):
 
 
 def test_an_ivf_rebuild_keeps_its_centroids_until_the_shard_doubles():
-    policy = IndexPolicy(seal_min_rows=100, hnsw_max_rows=100)
+    settings = ShardSettings(seal_min_rows=100, hnsw_max_rows=100)
     data = unit_vectors(4000)
 
     def build(n, previous=None):
-        return build_sealed(data[:n], np.arange(n), metas(range(n)), policy, previous=previous)
+        return FaissBackend().build_sealed(data[:n], np.arange(n), metas(range(n)), settings, previous=previous)
 
     first = build(2000)
     kept = build(3900, previous=first)  # under twice the rows: the same centroids, every row added
@@ -328,8 +300,9 @@ def test_an_ivf_rebuild_keeps_its_centroids_until_the_shard_doubles():
 
 def test_a_row_source_reads_the_chosen_rows_of_several_segments_in_order():
     data = unit_vectors(1000)
-    sealed = build_sealed(data[:600], np.arange(600), metas(range(600)), IndexPolicy(seal_min_rows=100))
-    growing = growing_from(data[600:], np.arange(600, 1000), metas(range(600, 1000)), 512)
+    faiss_backend = FaissBackend()
+    sealed = faiss_backend.build_sealed(data[:600], np.arange(600), metas(range(600)), ShardSettings(seal_min_rows=100))
+    growing = growing_from(data[600:], np.arange(600, 1000), metas(range(600, 1000)), 512, faiss_backend)
     chosen = [np.arange(0, 600, 3), np.arange(0, 400, 2)]
     expected = np.concatenate([data[:600][chosen[0]], data[600:][chosen[1]]])
     rows = RowSource.of_segments(list(zip((sealed, growing), chosen)), DIM)

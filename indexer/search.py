@@ -1,0 +1,120 @@
+"""The query flow: an image or a vector in, hits out.
+
+```
+image bytes -> decode, scaled down (indexer/images.py)
+            -> Pipeline.analyse: detect, crop, encode, classify (exactly as indexed images)
+            -> ShardSet.search per detected item, and for the whole image
+            -> QueryResult with the milliseconds of each stage
+vector      -> checked against the encoder's dimension, normalised -> ShardSet.search
+```
+
+The caller passes one generation's pipeline and shards, taken once, so that a
+query is answered by the models its shards were built with even while a new
+generation takes over. Where the work runs (an executor, the event loop) is
+the HTTP layer's business (indexer/web/search.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from indexer.config import ImageSettings
+from indexer.images import decode
+from indexer.pipeline import Pipeline
+from indexer.store.segments import ItemMeta
+from indexer.store.shards import Hit, ShardSet
+
+#: Keeps a row when it returns True: an attribute filter applied to the nearest candidates.
+Accept = Callable[[ItemMeta], bool]
+
+
+@dataclass(frozen=True)
+class Where:
+    """Which records a search may return."""
+
+    collections: tuple[str, ...]
+    category: str | None = None
+    accept: Accept | None = None
+
+
+@dataclass(frozen=True)
+class QueryItem:
+    box: tuple[int, int, int, int]
+    label: str | None
+    category: str
+    score: float
+    hits: list[Hit]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    items: list[QueryItem]
+    hits: list[Hit]
+    timings_ms: dict[str, float]
+    size: tuple[int, int]  # width, height of the query image
+
+
+@dataclass
+class Stopwatch:
+    """Milliseconds per stage; a stage timed twice adds up."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, (time.perf_counter() - start) * 1000)
+
+    def add(self, name: str, ms: float) -> None:
+        self.ms[name] = round(self.ms.get(name, 0.0) + ms, 2)
+
+    def total(self) -> dict[str, float]:
+        return {**self.ms, "total": round((time.perf_counter() - self.started) * 1000, 2)}
+
+
+def search_image(
+    pipeline: Pipeline, shards: ShardSet, images: ImageSettings, data: bytes, k: int, where: Where
+) -> QueryResult:
+    """Hits per detected item, and for the whole image; raises InvalidImage for bytes that are not one."""
+    clock = Stopwatch()
+    with clock.stage("decode"):
+        decoded = decode(data, images.max_pixels, images.decode_max_side)
+    stages: dict[str, float] = {}
+    items = pipeline.analyse([decoded], [{}], stages)[0]
+    for name, ms in stages.items():
+        clock.add(name, ms)
+    width, height = decoded.original_size
+    whole = next((item.vector for item in items if item.box == (0, 0, width, height)), None)
+    if whole is None:  # the detector found garments, not the whole image: one more encoder pass
+        with clock.stage("encode"):
+            whole = pipeline.encode([decoded.image])[0]
+    with clock.stage("search"):
+        results = [
+            QueryItem(item.box, item.label, item.category, item.score, _search(shards, item.vector, k, where))
+            for item in items
+        ]
+        hits = _search(shards, whole, k, where)
+    return QueryResult(results, hits, clock.total(), decoded.original_size)
+
+
+def search_vector(shards: ShardSet, vector: np.ndarray, k: int, where: Where) -> list[Hit]:
+    """Hits for an embedding of the shards' encoder; raises ValueError for one of another size, or zero."""
+    if vector.shape != (shards.dim,):
+        raise ValueError(f"vector must have {shards.dim} numbers (the active encoder's dimension), not {vector.size}")
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0:
+        raise ValueError("vector must be finite and not all zeros")
+    return _search(shards, (vector / norm).astype(np.float32), k, where)
+
+
+def _search(shards: ShardSet, vector: np.ndarray, k: int, where: Where) -> list[Hit]:
+    return shards.search(vector, k, where.collections, where.category, where.accept)

@@ -1,0 +1,256 @@
+"""Search backends: the one object a shard set asks to build, hold and search its segments.
+
+A shard set is given one :class:`Backend`, chosen by name (``shards.backend``
+in the settings, reported in ``/stats``), and every segment names the backend
+that searches it; nothing else in the store knows which one runs. A backend
+allocates the device copy of a growing segment's rows and writes rows into
+it, searches a segment, builds sealed segments, and makes segments loaded from
+a checkpoint live on its device. Every segment also keeps its rows on the CPU
+(arrays, or a FAISS index), which rebuilds and checkpoints read, so a
+checkpoint written on one backend loads on any other.
+
+* ``cpu`` (:class:`FaissBackend`): FAISS on the CPU; exact search while a shard
+  is small, HNSW or IVF-Flat once it is sealed.
+* ``torch-cuda`` (:class:`TorchCudaBackend`): every row also in a CUDA tensor,
+  searched exactly with a matrix product and top-k.
+
+A FAISS-GPU backend would be one more subclass here, registered in
+``_BACKENDS``: its ``build_sealed`` and ``make_live`` would keep the CPU index
+in ``Segment.index`` (for checkpoints and rebuilds) and its
+``faiss.index_cpu_to_gpu`` copy in ``Segment.mirror``. The project depends on
+faiss-cpu, which has no GPU indexes, so there is none yet.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import faiss
+import numpy as np
+
+from indexer.config import ShardSettings
+from indexer.store.segments import ItemMeta, RowSource, Segment, built_segment
+
+#: An IVF search probes at least this many lists, however few ``ivf_nprobe_fraction`` of them makes.
+MIN_NPROBE = 8
+
+
+class Backend(ABC):
+    """What differs between backends. One instance serves a shard set's writer, builder and reader threads."""
+
+    #: the name ``shards.backend`` chooses it by, and ``/stats`` reports
+    name: ClassVar[str]
+
+    @abstractmethod
+    def allocate(self, capacity: int, dim: int) -> Any:
+        """The device copy of a new growing segment's rows; None where the backend searches the CPU arrays."""
+
+    @abstractmethod
+    def write(self, mirror: Any, start: int, rows: np.ndarray) -> None:
+        """Copy rows into a device copy from row ``start`` on (past the published count: no reader sees them yet)."""
+
+    @abstractmethod
+    def knn(self, segment: Segment, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inner-product top-k over the segment's published rows, deleted ones included: (scores, rows) as in FAISS."""
+
+    @abstractmethod
+    def build_sealed(
+        self,
+        vectors: np.ndarray | RowSource,
+        keys: np.ndarray,
+        metas: list[ItemMeta],
+        settings: ShardSettings,
+        previous: Segment | None = None,
+    ) -> Segment:
+        """A sealed segment over these rows; runs in the background builder thread."""
+
+    @abstractmethod
+    def make_live(self, segment: Segment, settings: ShardSettings) -> Segment:
+        """A segment as a checkpoint holds it (CPU arrays or a FAISS index), as this backend searches it."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class FaissBackend(Backend):
+    """FAISS on the CPU: growing and small segments searched exactly, larger sealed ones with HNSW or IVF-Flat."""
+
+    name = "cpu"
+
+    def allocate(self, capacity: int, dim: int) -> None:
+        return None  # FAISS searches the segment's own arrays
+
+    def write(self, mirror: None, start: int, rows: np.ndarray) -> None:
+        pass  # nothing to copy: see allocate
+
+    def knn(self, segment: Segment, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if segment.index is None:
+            return faiss.knn(queries, segment.vectors[: segment.count], k, metric=faiss.METRIC_INNER_PRODUCT)
+        return segment.index.search(queries, k, params=segment.search_params)
+
+    def build_sealed(
+        self,
+        vectors: np.ndarray | RowSource,
+        keys: np.ndarray,
+        metas: list[ItemMeta],
+        settings: ShardSettings,
+        previous: Segment | None = None,
+    ) -> Segment:
+        """An index over these rows: exact flat when small, HNSW when medium, IVF when large.
+
+        FAISS releases the GIL while it works, so queries go on meanwhile.
+        An ANN index reads its rows a block at a time (see ``RowSource``).
+        An IVF rebuild keeps the ``previous`` segment's centroids while the shard
+        has at most twice the rows they were trained for: training (k-means) is
+        most of an IVF build, 15 of 18 minutes at 1M x 1280 on one core.
+        """
+        rows = RowSource.of(vectors)
+        n, dim = len(rows), rows.dim
+        if n < settings.seal_min_rows:
+            return built_segment(keys, metas, "flat", self, vectors=rows.all())
+        if n <= settings.hnsw_max_rows:
+            index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = settings.hnsw_ef_construction
+            for block in rows.blocks():
+                index.add(block)
+            params = search_params("hnsw", index, settings)
+            return built_segment(keys, metas, "hnsw", self, index=index, search_params=params)
+        nlist = ivf_nlist(n)
+        quantizer = faiss.IndexFlatIP(dim)
+        if previous is not None and previous.kind == "ivf" and previous.index.nlist >= nlist / math.sqrt(2):
+            nlist = previous.index.nlist  # trained for at least half as many rows: keep its centroids
+            quantizer.add(previous.index.quantizer.reconstruct_n(0, nlist))
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.is_trained = True
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
+            index.train(rows.take(np.sort(sample)))
+        for block in rows.blocks():
+            index.add(block)
+        index.make_direct_map()  # for reconstruct() when the segment is rebuilt
+        params = search_params("ivf", index, settings)
+        return built_segment(keys, metas, "ivf", self, index=index, search_params=params)
+
+    def make_live(self, segment: Segment, settings: ShardSettings) -> Segment:
+        """Search parameters are not serialised with an index: set them again after loading."""
+        params = None if segment.index is None else search_params(segment.kind, segment.index, settings)
+        return replace(segment, search_params=params, mirror=None, backend=self)
+
+
+def ivf_nlist(rows: int) -> int:
+    """IVF lists for this many rows: 4√n, the low end of what FAISS's guidelines give (4√n to 16√n)."""
+    return int(4 * math.sqrt(rows))
+
+
+def ivf_nprobe(nlist: int, settings: ShardSettings) -> int:
+    """IVF lists one search probes: ``ivf_nprobe_fraction`` of them, and never fewer than ``MIN_NPROBE``."""
+    return max(MIN_NPROBE, int(nlist * settings.ivf_nprobe_fraction))
+
+
+def search_params(kind: str, index: Any, settings: ShardSettings) -> Any:
+    """How a sealed index of this kind is searched; FAISS does not serialise it, so a build and a load both set it."""
+    if kind == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=settings.hnsw_ef_search)
+    if kind == "ivf":
+        return faiss.SearchParametersIVF(nprobe=ivf_nprobe(index.nlist, settings))
+    raise ValueError(f"not a FAISS index kind: {kind!r}")
+
+
+class TorchCudaBackend(Backend):
+    """Exact search on a CUDA GPU with torch: a matrix product and top-k over a segment's rows.
+
+    Used where torch sees a GPU (the project depends on faiss-cpu, which has no
+    GPU indexes). Rows live in a preallocated float32 tensor on the device that
+    mirrors the CPU arrays of a segment: the writer copies new rows past the
+    published count, so readers of a published count never see a half-written
+    row, as on the CPU. torch is imported by the methods that use it, so
+    choosing a backend by name costs nothing where it is not used.
+    """
+
+    name = "torch-cuda"
+
+    def __init__(self, device: str = "cuda") -> None:
+        #: the torch device; the tests run the same code on "cpu" where torch sees no GPU
+        self.device = device
+
+    @staticmethod
+    def available() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    def allocate(self, capacity: int, dim: int) -> Any:
+        import torch
+
+        return torch.empty((capacity, dim), dtype=torch.float32, device=self.device)
+
+    def write(self, mirror: Any, start: int, rows: np.ndarray) -> None:
+        import torch
+
+        if len(rows):
+            mirror[start : start + len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(
+                mirror.device, non_blocking=False
+            )
+
+    def knn(self, segment: Segment, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        rows = segment.mirror
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(rows.device)
+        scores = q @ rows[: segment.count].T
+        top = torch.topk(scores, k=min(k, segment.count), dim=1)
+        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+
+    def build_sealed(
+        self,
+        vectors: np.ndarray | RowSource,
+        keys: np.ndarray,
+        metas: list[ItemMeta],
+        settings: ShardSettings,
+        previous: Segment | None = None,
+    ) -> Segment:
+        """Every sealed segment is exact and flat: a matrix product on a GPU is faster than an ANN index on a CPU."""
+        flat = RowSource.of(vectors).all()
+        return built_segment(keys, metas, "flat", self, vectors=flat, mirror=self._mirror(flat, max(len(flat), 1)))
+
+    def make_live(self, segment: Segment, settings: ShardSettings) -> Segment:
+        """Flat rows mirrored on the device; an index's rows are reconstructed from it and the index dropped."""
+        if segment.backend is self:
+            return segment
+        vectors = segment.row_vectors(np.arange(segment.count)) if segment.vectors is None else segment.vectors
+        return replace(
+            segment,
+            kind="flat",
+            vectors=vectors,
+            index=None,
+            search_params=None,
+            mirror=self._mirror(vectors[: segment.count], max(len(vectors), 1)),
+            backend=self,
+        )
+
+    def _mirror(self, vectors: np.ndarray, capacity: int) -> Any:
+        """A device tensor of ``capacity`` rows whose first rows are ``vectors``."""
+        mirror = self.allocate(capacity, vectors.shape[1])
+        self.write(mirror, 0, vectors)
+        return mirror
+
+
+_BACKENDS: dict[str, type[Backend]] = {backend.name: backend for backend in (FaissBackend, TorchCudaBackend)}
+
+
+def by_name(name: str) -> Backend:
+    """The backend of this name; an unknown name is an error that lists the known ones."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown search backend {name!r}; known backends: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]()
+
+
+def choose(setting: str) -> Backend:
+    """The backend for ``shards.backend``: "auto" is torch-cuda where torch sees a GPU, cpu (FAISS) otherwise."""
+    if setting == "auto":
+        return TorchCudaBackend() if TorchCudaBackend.available() else FaissBackend()
+    return by_name(setting)

@@ -1,0 +1,68 @@
+"""Records by id: ``GET /items/{id}``, its thumbnail, and ``GET /recent``."""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlencode
+
+from aiohttp import web
+
+from indexer.web.errors import error
+from indexer.web.keys import NODE
+from indexer.web.params import collection, number
+
+
+def thumbnail_url(collection_name: str, record_id: str) -> str:
+    """Where a record's thumbnail is served; any id is safe in it (quoted)."""
+    return f"/items/{quote(record_id, safe='')}/thumbnail?{urlencode({'collection': collection_name})}"
+
+
+async def item(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    name, record_id = collection(request), request.match_info["id"]
+    metas = node.active.shards.record(name, record_id)
+    if metas is None:
+        raise error(web.HTTPNotFound, f"no {name} record with id {record_id!r}")
+    first = metas[0] if metas else None
+    return web.json_response(
+        {
+            "id": record_id,
+            "collection": name,
+            "ts": first.ts if first else None,
+            "attrs": first.attrs if first else {},
+            "items": [
+                {"item": m.item, "category": m.category, "label": m.label, "score": m.score, "box": list(m.box)}
+                for m in metas
+            ],
+            "thumbnail": thumbnail_url(name, record_id),
+        }
+    )
+
+
+async def recent(request: web.Request) -> web.Response:
+    """Recently indexed records, newest first (``limit`` 1-200, default 24)."""
+    node = request.app[NODE]
+    limit = number(dict(request.query), "limit", int, 24, 1, 200)
+    return web.json_response(
+        {
+            "records": [
+                {
+                    "id": first.record_id,
+                    "collection": first.collection,
+                    "category": first.category,
+                    "ts": first.ts,
+                    "attrs": first.attrs,
+                    "thumbnail": thumbnail_url(first.collection, first.record_id),
+                }
+                for first, *_ in node.active.shards.recent(limit)
+            ]
+        }
+    )
+
+
+async def thumbnail(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    name, record_id = collection(request), request.match_info["id"]
+    jpeg = node.thumbnails.get(name, record_id)
+    if jpeg is None or node.active.shards.record(name, record_id) is None:
+        raise error(web.HTTPNotFound, f"no thumbnail for {name} record {record_id!r}")
+    return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "max-age=60"})
