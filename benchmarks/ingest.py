@@ -33,6 +33,7 @@ from indexer.images import decode_image
 from indexer.kafka.broker import LocalBroker
 from indexer.kafka.topics import ensure_topics
 from indexer.node import build_node
+from plugins.manager import resolve_device, resolve_runtime
 from producers.publisher import make_producer
 from tests.support.imagegen import encoded, product_image
 from tests.support.processes import free_port
@@ -155,6 +156,7 @@ def main() -> None:
             "encoder": settings.models.encoder,
             "detector": settings.models.detector,
             "batch_size": settings.models.batch_size,
+            "runtime": resolve_runtime(settings.models.runtime, resolve_device(settings.models.device)),
         },
         "bare_images_per_s": round(bare, 1),
         "bare_before_and_after": [round(bare_before, 1), round(bare_after, 1)],

@@ -105,9 +105,10 @@ def _ingest(page: Page, data: dict | None) -> None:
     if data is None:
         page.add("Not run.")
         return
+    runtime = data["models"].get("runtime", "torch")
     page.add(
         f"""
-Default models ({data["models"]["encoder"]}, {data["models"]["detector"]} detector, batches of
+Default models ({data["models"]["encoder"]} in {runtime}, {data["models"]["detector"]} detector, batches of
 {data["models"]["batch_size"]}), 320x400 JPEGs, one partition, the local broker. "Bare" is the models alone
 (detect, encode; the images decoded beforehand) on the same images, measured before and after the end-to-end run
 ({data["bare_before_and_after"][0]} and {data["bare_before_and_after"][1]} images/s) and averaged; "end to end" is

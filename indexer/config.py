@@ -60,7 +60,10 @@ class ModelSettings(BaseModel):
     encoder: str = "efficientnet-lite0"
     classifier: str = "event-attrs"
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
-    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
+    cpu_threads: int | None = Field(None, ge=1, description="torch (and ONNX Runtime) intra-op threads on CPU")
+    #: How the built-in networks run: "auto" takes ONNX Runtime on a CPU and PyTorch on a GPU (docs/models.md).
+    #: Both give the same vectors (cosine >= 0.99999), so changing it keeps the model generation.
+    runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
     batch_size: int = Field(32, ge=1)
     #: Per-model options by model name, e.g. ``[models.options.fashion-swin] name_or_path = "..."``.
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -28,7 +28,7 @@ from indexer.store import backends
 from indexer.store.checkpoint import Checkpointer, load_latest
 from indexer.store.shards import ShardSet
 from indexer.store.thumbnails import ThumbnailStore
-from plugins.manager import Models, build_plugin_manager, load_models, resolve_device
+from plugins.manager import Models, build_plugin_manager, load_models, resolve_device, resolve_runtime
 from plugins.models import ModelContext
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,21 @@ log = logging.getLogger(__name__)
 
 def load(settings: Settings, selection: ModelSettings) -> Models:
     pm = build_plugin_manager(settings.disabled_plugins)
-    context = ModelContext(device=resolve_device(selection.device), cpu_threads=selection.cpu_threads)
+    device = resolve_device(selection.device)
+    context = ModelContext(
+        device=device,
+        cpu_threads=selection.cpu_threads,
+        runtime=resolve_runtime(selection.runtime, device),
+        cache_dir=settings.data_dir / "models",
+    )
     models = load_models(pm, selection.detector, selection.encoder, selection.classifier, context, selection.options)
     log.info(
-        "models: %s/%s/%s on %s", models.detector.name, models.encoder.name, models.classifier.name, context.device
+        "models: %s/%s/%s on %s (%s)",
+        models.detector.name,
+        models.encoder.name,
+        models.classifier.name,
+        context.device,
+        context.runtime,
     )
     # One forward pass now, so the first event is not the one that pays for lazy initialisation.
     models.encoder.encode([Image.new("RGB", (64, 64))])

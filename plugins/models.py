@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 # Re-exported for plugins: raise it from a model when a failure is not the input's fault.
@@ -35,7 +36,7 @@ class Detection:
 
 @dataclass(frozen=True)
 class ModelContext:
-    """What a model factory may use: where to run, CPU threads, and its own options.
+    """What a model factory may use: where and how to run, CPU threads, a cache folder, and its own options.
 
     ``options`` is the ``[models.options.<name>]`` table of the config for the
     model being built (for example ``name_or_path`` or a label table).
@@ -44,6 +45,11 @@ class ModelContext:
     device: str  # "cpu" or "cuda"
     cpu_threads: int | None = None  # applied by plugins.manager.load_models
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: "onnxruntime" or "torch": how a model that can run both ways should run (``models.runtime``,
+    #: resolved by plugins.manager.resolve_runtime). Models with one way of running ignore it.
+    runtime: str = "torch"
+    #: Where a model may cache files it derives from its weights (exported graphs); None: keep them in memory.
+    cache_dir: Path | None = None
 
 
 class ModelNotAvailable(RuntimeError):

