@@ -16,9 +16,12 @@ Failures are kept to the event that caused them (docs/reliability.md):
   out of memory, a full disk, :class:`~plugins.models.RetryableError`) is raised
   to the consumer, which retries the batch with backoff and rejects nothing.
 
-Memory is bounded per chunk, not per poll: at most ``batch_size`` images, and
-at most ``images.max_batch_pixels`` decoded pixels, are held at once; every
-image is scaled down while decoding to ``images.decode_max_side``.
+Memory is bounded per chunk, not per poll: a chunk holds at most
+``batch_size`` images and ``images.max_batch_pixels`` decoded pixels, and every
+image is scaled down while decoding to ``images.decode_max_side``. While the
+models run on one group of ``batch_size`` events, a worker thread reads,
+decodes and thumbnails the next (Pillow and the model runtimes release the
+GIL), so at most two groups are decoded at once.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import io
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,6 +70,14 @@ class ModelsFailing(RetryableError):
     """The models failed on every event of a chunk, one by one: not the events' fault, retried later."""
 
 
+@dataclass
+class _Chunk:
+    """Events of one group ready for the models (decoded, with their thumbnail), and those already refused."""
+
+    ready: list[tuple[int, Decoded, bytes]] = field(default_factory=list)
+    rejected: dict[int, Rejected] = field(default_factory=dict)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -81,8 +93,11 @@ class Pipeline:
         self.batch_size = batch_size
         self.model_attempts = model_attempts
         self.sources = sources or ImageSources(images)
+        #: Prepares the next group of a batch (read, decode, thumbnail) while the models run on this one.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lookstream-prepare")
 
     def close(self) -> None:
+        self._worker.shutdown(wait=True)
         self.sources.close()
 
     def process(self, events: Sequence[Event]) -> list[Outcome]:
@@ -93,27 +108,48 @@ class Pipeline:
                 outcomes[i] = Delete(event.collection, event.id, event.ts)
             else:
                 upserts.append(i)
-        for start in range(0, len(upserts), self.batch_size):
-            group = upserts[start : start + self.batch_size]
-            chunk: list[tuple[int, Decoded]] = []
-            pixels = 0
-            for i, data in zip(group, self._read([events[i] for i in group]), strict=True):
-                try:
-                    if isinstance(data, Rejection):
-                        raise data
-                    decoded = decode(data, self.images.max_pixels, self.images.decode_max_side)
-                except Exception as e:
-                    outcomes[i] = _rejected(e, Reason.IMAGE_UNDECODABLE)
-                    continue
-                size = decoded.image.width * decoded.image.height
-                if chunk and pixels + size > self.images.max_batch_pixels:
-                    self._finish(events, chunk, outcomes)
-                    chunk, pixels = [], 0
-                chunk.append((i, decoded))
-                pixels += size
-            if chunk:
-                self._finish(events, chunk, outcomes)
+        groups = [upserts[start : start + self.batch_size] for start in range(0, len(upserts), self.batch_size)]
+        pending: Future | None = None
+        try:
+            for n, group in enumerate(groups):
+                prepared = pending.result() if pending is not None else self._prepare(events, group)
+                # The next group is read, decoded and thumbnailed in the worker while the models run on this one.
+                pending = self._worker.submit(self._prepare, events, groups[n + 1]) if n + 1 < len(groups) else None
+                for chunk in prepared:
+                    for i, outcome in chunk.rejected.items():
+                        outcomes[i] = outcome
+                    if chunk.ready:
+                        self._finish(events, chunk, outcomes)
+        finally:
+            if pending is not None:
+                wait([pending])  # a transient failure above: let the worker finish before the batch is retried
         return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    def _prepare(self, events: Sequence[Event], group: list[int]) -> list[_Chunk]:
+        """Read, decode and thumbnail a group of events, cut into chunks within ``images.max_batch_pixels``."""
+        chunks = [_Chunk()]
+        pixels = 0
+        for i, data in zip(group, self._read([events[i] for i in group]), strict=True):
+            chunk = chunks[-1]
+            try:
+                if isinstance(data, Rejection):
+                    raise data
+                decoded = decode(data, self.images.max_pixels, self.images.decode_max_side)
+            except Exception as e:
+                chunk.rejected[i] = _rejected(e, Reason.IMAGE_UNDECODABLE)
+                continue
+            try:
+                thumbnail = make_thumbnail(decoded.image)
+            except Exception as e:
+                chunk.rejected[i] = _rejected(e, Reason.THUMBNAIL_FAILED)
+                continue
+            size = decoded.image.width * decoded.image.height
+            if chunk.ready and pixels + size > self.images.max_batch_pixels:
+                chunk, pixels = _Chunk(), 0
+                chunks.append(chunk)
+            chunk.ready.append((i, decoded, thumbnail))
+            pixels += size
+        return chunks
 
     def _read(self, events: list[Event]) -> list[bytes | Rejection]:
         """Each event's image bytes: inline, or read from its ``image_uri`` (concurrently)."""
@@ -121,21 +157,16 @@ class Pipeline:
         fetched = dict(zip(uris, self.sources.read_many([events[i].image_uri or "" for i in uris]), strict=True))
         return [fetched.get(i, event.image) for i, event in enumerate(events)]  # type: ignore[misc]
 
-    def _finish(self, events: Sequence[Event], chunk: list[tuple[int, Decoded]], outcomes: list) -> None:
+    def _finish(self, events: Sequence[Event], chunk: _Chunk, outcomes: list) -> None:
         """Analyse one chunk of decoded images and fill in their outcomes."""
-        decoded = [d for _, d in chunk]
-        results = self._analyse_isolating(decoded, [events[i].attrs for i, _ in chunk])
-        for (i, image), result in zip(chunk, results, strict=True):
+        decoded = [d for _, d, _ in chunk.ready]
+        results = self._analyse_isolating(decoded, [events[i].attrs for i, _, _ in chunk.ready])
+        for (i, _, thumbnail), result in zip(chunk.ready, results, strict=True):
             event = events[i]
             if isinstance(result, Rejection):
                 outcomes[i] = Rejected.of(result)
-                continue
-            try:
-                thumbnail = make_thumbnail(image.image)
-            except Exception as e:
-                outcomes[i] = _rejected(e, Reason.THUMBNAIL_FAILED)
-                continue
-            outcomes[i] = Upsert(event.collection, event.id, event.ts, event.attrs, tuple(result), thumbnail)
+            else:
+                outcomes[i] = Upsert(event.collection, event.id, event.ts, event.attrs, tuple(result), thumbnail)
 
     def _analyse_isolating(self, images: list[Decoded], attrs: list[dict[str, Any]]) -> list[list[Item] | Rejection]:
         """Analyse; if the models keep failing, split the chunk to reject only the events that fail."""

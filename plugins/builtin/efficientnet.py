@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from plugins import hookimpl
-from plugins.builtin.preprocess import resize_normalise
+from plugins.builtin.preprocess import resize
 from plugins.models import UNCATEGORIZED, Detection, ModelContext
 
 INPUT_SIZE = (224, 224)
@@ -56,7 +56,19 @@ def load_network(device: str):
 
 
 def _pixels(crops: list[Image.Image]) -> np.ndarray:
-    return resize_normalise(crops, INPUT_SIZE, PIXEL_MEAN, PIXEL_STD)
+    """uint8 NHWC at the input size: the heads scale and normalise inside their own graph."""
+    return resize(crops, INPUT_SIZE)
+
+
+def _normalised(model, pixels):
+    """uint8 NHWC -> the float NCHW the network was trained on, in the network's dtype."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    mean = torch.tensor(PIXEL_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).float() * (1 / 255)
+    return ((x - mean) / std).to(dtype)
 
 
 class _Embedding:
@@ -72,7 +84,7 @@ class _Embedding:
                 self.model = model
 
             def forward(self, pixels):
-                features = self.model.extract_features(pixels).mean(dim=(2, 3))
+                features = self.model.extract_features(_normalised(self.model, pixels)).mean(dim=(2, 3))
                 return torch.nn.functional.normalize(features.float(), dim=1)
 
         return Embedding()
@@ -91,7 +103,7 @@ class _Probabilities:
                 self.model = model
 
             def forward(self, pixels):
-                return self.model(pixels).float().softmax(-1)
+                return self.model(_normalised(self.model, pixels)).float().softmax(-1)
 
         return Probabilities()
 
@@ -104,7 +116,7 @@ def _runner(head: type, context: ModelContext):
 @lru_cache(maxsize=8)
 def _cached_runner(head: type, device: str, runtime: str, threads: int | None, cache_dir: Path | None):
     """Cached, so the encoder and the classifier share one loaded network (and one session per head)."""
-    model, dtype = load_network(device)
+    model, _ = load_network(device)
     module = head.module(model)
     if runtime == "onnxruntime":
         if device != "cpu":
@@ -112,7 +124,7 @@ def _cached_runner(head: type, device: str, runtime: str, threads: int | None, c
         from plugins.builtin import onnx_runtime
 
         name = f"efficientnet-lite0-{head.__name__.strip('_').lower()}"
-        onnx = onnx_runtime.export(module, (1, 3, *INPUT_SIZE), name, cache_dir, threads)
+        onnx = onnx_runtime.export(module, (1, *INPUT_SIZE, 3), name, cache_dir, threads, input_dtype="uint8")
         return lambda batch: onnx(batch)[0]
     if runtime != "torch":
         raise ValueError(f"unknown models.runtime {runtime!r}; expected onnxruntime or torch")
@@ -121,7 +133,7 @@ def _cached_runner(head: type, device: str, runtime: str, threads: int | None, c
         import torch
 
         with torch.inference_mode():
-            return module(torch.from_numpy(batch).to(device, dtype)).cpu().numpy()
+            return module(torch.from_numpy(batch).to(device)).cpu().numpy()
 
     return run
 

@@ -39,7 +39,7 @@ def available() -> bool:
 
 
 class OnnxModel:
-    """A network exported to ONNX and run by an ONNX Runtime session on the CPU: float32 batch in, arrays out."""
+    """A network exported to ONNX and run by an ONNX Runtime session on the CPU: a batch in, arrays out."""
 
     def __init__(self, session: Any, path: Path | None) -> None:
         self.session = session
@@ -47,21 +47,26 @@ class OnnxModel:
         self.input = session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input: np.ascontiguousarray(batch, dtype=np.float32)})
+        return self.session.run(None, {self.input: np.ascontiguousarray(batch)})
 
 
 def export(
-    module: Any, input_shape: tuple[int, ...], name: str, cache_dir: Path | None, threads: int | None = None
+    module: Any,
+    input_shape: tuple[int, ...],
+    name: str,
+    cache_dir: Path | None,
+    threads: int | None = None,
+    input_dtype: str = "float32",
 ) -> OnnxModel:
-    """``module`` (a torch ``nn.Module`` taking one NCHW float32 batch) as an ONNX Runtime model."""
+    """``module`` (a torch ``nn.Module`` taking one batch of ``input_dtype``) as an ONNX Runtime model."""
     import onnxruntime as ort
 
-    digest = _digest(module, input_shape)
+    digest = _digest(module, input_shape, input_dtype)
     path = cache_dir / f"{name}-{digest[:16]}.onnx" if cache_dir is not None else None
     if path is not None and path.exists():
         graph: bytes | str = str(path)
     else:
-        graph = _export_bytes(module, input_shape)
+        graph = _export_bytes(module, input_shape, input_dtype)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -72,23 +77,25 @@ def export(
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initializers and the like are noise here
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     return OnnxModel(session, path)
 
 
-def _digest(module: Any, input_shape: tuple[int, ...]) -> str:
-    """A hash of the weights (every tensor of the state dict), the input shape and the export settings."""
-    h = hashlib.sha256(json.dumps({**EXPORT_SETTINGS, "input": input_shape}, sort_keys=True).encode())
+def _digest(module: Any, input_shape: tuple[int, ...], input_dtype: str) -> str:
+    """A hash of the weights (every tensor of the state dict), the input and the export settings."""
+    described = {**EXPORT_SETTINGS, "input": input_shape, "dtype": input_dtype}
+    h = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for key, tensor in sorted(module.state_dict().items()):
         h.update(key.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def _export_bytes(module: Any, input_shape: tuple[int, ...]) -> bytes:
+def _export_bytes(module: Any, input_shape: tuple[int, ...], input_dtype: str) -> bytes:
     import torch
 
-    example = torch.zeros(input_shape, dtype=torch.float32)
+    example = torch.zeros(input_shape, dtype=getattr(torch, input_dtype))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter warns about its own deprecation and about tracing; the graph is checked
