@@ -6,6 +6,7 @@ image bytes -> decode, scaled down (indexer/images.py)
             -> ShardSet.search per detected item, and for the whole image
             -> QueryResult with the milliseconds of each stage
 vector      -> checked against the encoder's dimension, normalised -> ShardSet.search
+record id   -> its stored vector (ShardSet.record_vectors) -> ShardSet.search, itself left out
 ```
 
 The caller passes one generation's pipeline and shards, taken once, so that a
@@ -114,6 +115,30 @@ def search_vector(shards: ShardSet, vector: np.ndarray, k: int, where: Where) ->
     if not np.isfinite(norm) or norm == 0:
         raise ValueError("vector must be finite and not all zeros")
     return _search(shards, (vector / norm).astype(np.float32), k, where)
+
+
+class NotIndexed(LookupError):
+    """The record (or the item of it) asked for is not in the shards."""
+
+
+def similar(shards: ShardSet, collection: str, record_id: str, item: int | None, k: int, where: Where) -> list[Hit]:
+    """More like this: the nearest records to a stored item of a record (its best-scoring one by default).
+
+    No image is sent or encoded: the vector is the one indexed. The record
+    itself is never among the hits (a record is one hit, so k + 1 suffice).
+    """
+    items = shards.record_vectors(collection, record_id)
+    if not items:
+        raise NotIndexed(f"no {collection} record with id {record_id!r}")
+    if item is None:
+        _, vector = max(items, key=lambda found: found[0].score)
+    else:
+        chosen = [vector for meta, vector in items if meta.item == item]
+        if not chosen:
+            raise NotIndexed(f"{collection} record {record_id!r} has no item {item} (it has {len(items)})")
+        vector = chosen[0]
+    hits = _search(shards, vector, k + 1, where)
+    return [h for h in hits if (h.collection, h.id) != (collection, record_id)][:k]
 
 
 def _search(shards: ShardSet, vector: np.ndarray, k: int, where: Where) -> list[Hit]:

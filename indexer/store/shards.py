@@ -39,6 +39,7 @@ import operator
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -264,6 +265,17 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _row_of(state: ShardState, key: int, seq: int) -> tuple[Segment, int] | None:
+    """The segment and row of a live item key at ``seq`` (keys ascend within a segment)."""
+    for segment in (state.sealed, state.growing):
+        if segment is None or segment.count == 0:
+            continue
+        row = int(np.searchsorted(segment.keys[: segment.count], key))
+        if row < segment.count and segment.keys[row] == key and segment.deleted_at[row] > seq:
+            return segment, row
+    return None
+
+
 def build_from_state(state: ShardState, seq: int, settings: ShardSettings, backend: Backend) -> Segment:
     """Background job: a sealed segment over every row of ``state`` live at ``seq``."""
     live = [(segment, segment.live_rows(seq)) for segment in state.segments]
@@ -386,12 +398,19 @@ class ShardSet:
             return scheduled
 
     def maintain(self) -> None:
-        """Swap in finished rebuilds even when no events arrive (the consumer calls this when idle)."""
+        """Swap in finished rebuilds and start those now due, even when no events arrive (the consumer calls this).
+
+        Scheduling here too matters after a bulk load: rows that arrived while a
+        build ran stay in the growing segment, searched exactly, until another
+        build seals them; without events, only this call starts that build.
+        """
         with self._write_lock:
+            seq = self.view.seq
             if any(s.building is not None and s.building.done() for s in self._shards.values()):
-                seq = self.view.seq + 1
+                seq += 1
                 self._install_finished(seq)
                 self._publish(seq)
+            self._schedule_rebuilds(seq)
 
     def _publish(self, seq: int) -> None:
         self.view = View(seq, {key: shard.state for key, shard in self._shards.items()})
@@ -417,11 +436,15 @@ class ShardSet:
                 log.info("shard %s/%s now %s over %d rows", *key, built.kind, built.count)
 
     def wait_for_rebuilds(self, timeout: float | None = None) -> None:
-        """Block until running rebuilds finish and are swapped in (tests and benchmarks)."""
-        for shard in list(self._shards.values()):
-            if shard.building is not None:
-                shard.building.exception(timeout)
-        self.maintain()
+        """Block until no rebuild runs: each finished one swapped in, and those it made due (tests, benchmarks)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            running = [shard.building for shard in list(self._shards.values()) if shard.building is not None]
+            if not running:
+                return
+            for building in running:
+                building.exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            self.maintain()
 
     def close(self) -> None:
         self._builder.shutdown(wait=True, cancel_futures=True)
@@ -480,6 +503,27 @@ class ShardSet:
     def record(self, collection: str, record_id: str) -> tuple[ItemMeta, ...] | None:
         """The items of one record as last applied, or None if it is not indexed."""
         return self._record_items.get((collection, record_id))
+
+    def record_vectors(self, collection: str, record_id: str) -> list[tuple[ItemMeta, np.ndarray]] | None:
+        """The stored vector of each item of a record in the current view, or None if it is not indexed.
+
+        Readers may call it: the record's keys are looked up in one published
+        view (a record rewritten meanwhile is answered as that view holds it,
+        or as not indexed).
+        """
+        placed = self._records.get((collection, record_id))
+        if placed is None:
+            return None
+        view = self.view
+        found = []
+        for shard_key, key in placed:
+            state = view.shards.get(shard_key)
+            hit = None if state is None else _row_of(state, key, view.seq)
+            if hit is None:
+                return None
+            segment, row = hit
+            found.append((segment.metas[row], segment.row_vectors(np.array([row]))[0]))
+        return found
 
     def records(self, collection: str) -> int:
         return self._record_counts.get(collection, 0)

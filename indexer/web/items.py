@@ -1,4 +1,4 @@
-"""Records by id: ``GET /items/{id}``, its thumbnail, and ``GET /recent``."""
+"""Records by id: ``GET /items/{id}``, its thumbnail, more like it, and ``GET /recent``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from indexer.web.errors import error
-from indexer.web.keys import NODE
-from indexer.web.params import collection, number
+from indexer import search as query_flow
+from indexer.web.errors import error, json_body
+from indexer.web.keys import NODE, WORKERS
+from indexer.web.params import SearchParams, collection, number
+from indexer.web.search import hit_json
 
 
 def thumbnail_url(collection_name: str, record_id: str) -> str:
@@ -36,6 +38,23 @@ async def item(request: web.Request) -> web.Response:
             "thumbnail": thumbnail_url(name, record_id),
         }
     )
+
+
+async def similar(request: web.Request) -> web.Response:
+    """More like this: records near one of this record's stored items, without uploading an image."""
+    node = request.app[NODE]
+    name, record_id = collection(request), request.match_info["id"]
+    params = dict(request.query)
+    params["collection"] = params.pop("within", name)
+    search = SearchParams.parse(params, node.settings.api)
+    item = number(params, "item", int, None, 0, 10_000)
+    try:
+        hits = await request.app[WORKERS].run_search(
+            query_flow.similar, node.active.shards, name, record_id, item, search.k, search.where
+        )
+    except query_flow.NotIndexed as e:
+        raise error(web.HTTPNotFound, str(e)) from e
+    return json_body({"hits": [hit_json(h) for h in hits]})
 
 
 async def recent(request: web.Request) -> web.Response:

@@ -218,6 +218,29 @@ def document(settings: Settings) -> Schema:
                 "responses": {"200": _json(_ref("Item"), "the record"), **_errors(400, 404)},
             }
         },
+        "/items/{id}/similar": {
+            "get": {
+                "summary": "More like this: records near one of this record's stored items, the record itself left out",
+                "parameters": [
+                    id_param,
+                    collection_param,
+                    {
+                        "name": "item",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0},
+                        "description": "which item of the record; default: its best-scoring one",
+                    },
+                    {
+                        "name": "within",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["products", "posts", "both"]},
+                        "description": "where to look; default: the record's own collection",
+                    },
+                    *(p for p in query_params if p["name"] != "collection"),
+                ],
+                "responses": {"200": _json(_ref("HitList"), "results"), **_errors(400, 404)},
+            }
+        },
         "/items/{id}/thumbnail": {
             "get": {
                 "summary": "The small JPEG kept at index time",

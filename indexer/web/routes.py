@@ -15,6 +15,7 @@ def add_routes(app: web.Application) -> None:
             web.post("/search/vector", search.search_vector),
             web.get("/items/{id}", items.item),
             web.get("/items/{id}/thumbnail", items.thumbnail),
+            web.get("/items/{id}/similar", items.similar),
             web.get("/recent", items.recent),
             web.get("/", ops.page),
             web.get("/stats", ops.stats),

@@ -231,3 +231,24 @@ async def test_admin_rebuild_swap_and_snapshot(admin_client, node, tiny_clip, ca
     stats = await (await admin_client.get("/stats")).json()
     assert [g["state"] for g in stats["generations"]] == ["active", "catching-up"]
     assert TOKEN not in json.dumps(stats) and TOKEN not in caplog.text and TOKEN not in repr(node.settings)
+
+
+async def test_more_like_this_answers_from_the_stored_vector_and_leaves_the_record_out(client):
+    async def similar(path: str) -> tuple[int, dict]:
+        response = await client.get(path)
+        return response.status, await response.json()
+
+    status, body = await similar("/items/p3/similar?k=3")
+    assert status == 200 and 0 < len(body["hits"]) <= 3 and "p3" not in [h["id"] for h in body["hits"]]
+    # The post shows the same image as p3: found from either side, at a score of 1.
+    _, body = await similar("/items/p3/similar?within=posts")
+    assert body["hits"][0]["id"] == "look-1" and body["hits"][0]["score"] > 0.9999
+    _, body = await similar("/items/look-1/similar?collection=posts&within=products&item=0")
+    assert body["hits"][0]["id"] == "p3" and body["hits"][0]["score"] > 0.9999
+    # Filters apply as on /search: only p0 and p3 are Zeta, and p0 is the record itself.
+    _, body = await similar("/items/p0/similar?brand=zeta&k=5")
+    assert [h["id"] for h in body["hits"]] == ["p3"]
+    assert (await similar("/items/nope/similar"))[0] == 404
+    status, body = await similar("/items/p3/similar?item=4")
+    assert status == 404 and "has no item 4" in body["error"]
+    assert (await similar("/items/p3/similar?collection=users"))[0] == 400

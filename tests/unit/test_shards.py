@@ -310,3 +310,44 @@ def test_a_row_source_reads_the_chosen_rows_of_several_segments_in_order():
     np.testing.assert_allclose(np.concatenate(list(rows.blocks(size=64))), expected, atol=1e-6)
     positions = np.array([0, 199, 200, 399])  # both ends of both parts
     np.testing.assert_allclose(rows.take(positions), expected[positions], atol=1e-6)
+
+
+def test_rows_that_arrive_during_a_build_are_sealed_without_another_event(monkeypatch):
+    """A bulk load outpaces the first build; the idle consumer's maintain() must start the next one."""
+    from indexer.store import shards as shards_module
+
+    release = threading.Event()
+    real_build = shards_module.build_from_state
+
+    def slow_build(*args, **kwargs):
+        release.wait(10)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(shards_module, "build_from_state", slow_build)
+    settings = ShardSettings(seal_min_rows=100, growing_max_rows=150, hnsw_max_rows=10_000, hnsw_m=8)
+    shards = ShardSet(DIM, settings)
+    data = unit_vectors(520)
+    fill(shards, data[:120], batch=120)  # sealing starts, and waits
+    fill(shards, data[120:], start=120, batch=400)  # 400 more rows arrive meanwhile
+    release.set()
+    shards.wait_for_rebuilds(timeout=30)  # the seal of 120 rows, then the build maintain() started on its own
+    (size,) = shards.sizes()
+    assert size["sealed_rows"] == 520 and size["growing_rows"] == 0
+    shards.close()
+
+
+@pytest.mark.parametrize(
+    ("rows", "sealed"), [(60, None), (300, "hnsw"), (1_500, "ivf")], ids=["growing", "hnsw", "ivf"]
+)
+def test_a_records_stored_vector_comes_back_from_any_kind_of_segment(rows, sealed):
+    settings = ShardSettings(seal_min_rows=200, growing_max_rows=150, hnsw_max_rows=1_000, hnsw_m=16)
+    shards = ShardSet(DIM, settings)
+    data = unit_vectors(rows)
+    fill(shards, data, batch=100)
+    shards.wait_for_rebuilds(timeout=60)
+    assert shards.sizes()[0]["sealed"] == sealed
+    ((meta, vector),) = shards.record_vectors("products", "p7")
+    assert meta.record_id == "p7" and np.allclose(vector, data[7], atol=1e-6)
+    shards.apply([Delete("products", "p7", 0)])
+    assert shards.record_vectors("products", "p7") is None
+    shards.close()
