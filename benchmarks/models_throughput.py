@@ -11,6 +11,7 @@ not depend on the weights' values. Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from plugins.builtin import onnx_runtime
 from plugins.manager import build_plugin_manager, registry
 from plugins.models import ModelContext
 from tests.support.imagegen import product_image
@@ -63,6 +65,10 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     return paths
 
 
+#: Plugins whose network can run in ONNX Runtime (models.runtime); the others run in torch whatever it says.
+EXPORTED = {"efficientnet-lite0", "imagenet-garments", "fashion-swin", "clip-vision"}
+
+
 def time_model(run, images, batch: int, device: str) -> float:
     run(images[:batch])  # warm-up
     if device == "cuda":
@@ -94,8 +100,13 @@ def main() -> None:
             ("encoder", "clip-vision", {"name_or_path": str(paths["clip"])}, 32, 32),
             ("detector", "hf-object-detection", {"name_or_path": str(paths["detr"])}, 4, 4),
         ]
-        for role, name, options, count, batch in plan:
-            model = registry(pm, role).create(name, ModelContext(args.device, options=options))
+        # ONNX Runtime runs on the CPU here; plugins without an exported path run in torch either way.
+        runtimes = ["torch", "onnxruntime"] if args.device == "cpu" and onnx_runtime.available() else ["torch"]
+        for (role, name, options, count, batch), runtime in itertools.product(plan, runtimes):
+            if runtime == "onnxruntime" and name not in EXPORTED:
+                continue
+            context = ModelContext(args.device, options=options, runtime=runtime, cache_dir=Path(tmp) / "onnx")
+            model = registry(pm, role).create(name, context)
             run = {
                 "encoder": lambda x, m=model: m.encode(x),
                 "classifier": lambda x, m=model: m.classify(x, [], [{}] * len(x)),
@@ -104,9 +115,16 @@ def main() -> None:
             n = count * args.scale
             rate = time_model(run, images[:n], batch * args.scale, args.device)
             results.append(
-                {"role": role, "model": name, "images": n, "batch": batch * args.scale, "images_per_s": round(rate, 2)}
+                {
+                    "role": role,
+                    "model": name,
+                    "runtime": runtime,
+                    "images": n,
+                    "batch": batch * args.scale,
+                    "images_per_s": round(rate, 2),
+                }
             )
-            print(f"{role:10s} {name:22s} {rate:8.1f} images/s (batch {batch * args.scale})", flush=True)
+            print(f"{role:10s} {name:22s} {runtime:12s} {rate:8.1f} images/s (batch {batch * args.scale})", flush=True)
             del model
     machine = {
         "device": args.device,

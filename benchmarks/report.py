@@ -345,11 +345,13 @@ machine (Swin, CLIP, DETR) run at their real architecture sizes with random weig
 the weights' values. Details and accuracy: docs/models.md."""
     )
     by_model: dict[tuple[str, str], dict[str, str]] = {}
-    for label, data in (("CPU", cpu), ("GPU", gpu)):
+    for device, data in (("CPU", cpu), ("GPU", gpu)):
         for r in (data or {}).get("results", []):
-            by_model.setdefault((r["role"], r["model"]), {})[label] = f"{r['images_per_s']} (batch {r['batch']})"
-    rows = [[role, model, v.get("CPU", "not run"), v.get("GPU", "not run")] for (role, model), v in by_model.items()]
-    page.add(_table(["role", "model", "CPU images/s", "GPU images/s"], rows))
+            column = f"{device}, {r.get('runtime', 'torch')}"
+            by_model.setdefault((r["role"], r["model"]), {})[column] = f"{r['images_per_s']} (batch {r['batch']})"
+    columns = ["CPU, torch", "CPU, onnxruntime", "GPU, torch"]
+    rows = [[role, model, *(v.get(c, "not run") for c in columns)] for (role, model), v in by_model.items()]
+    page.add(_table(["role", "model", *(f"{c} images/s" for c in columns)], rows))
 
 
 def _gpu(page: Page, data: dict | None) -> None:

@@ -32,10 +32,35 @@ SEED_ENCODER = "yainage90/fashion-image-feature-extractor"
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
 
 
-def _to_numpy(embeddings) -> np.ndarray:
+def _embedding_runner(model, embed, input_size: tuple[int, int], name: str, context: ModelContext, dtype):
+    """``embed(model, pixel_values)`` as a callable on float32 NCHW arrays, in the context's runtime.
+
+    With ``models.runtime`` onnxruntime (the CPU default) the vision tower and
+    its head are exported once from the loaded weights and run by ONNX Runtime
+    (plugins/builtin/onnx_runtime.py); the image processor stays in Python.
+    """
     import torch
 
-    return torch.nn.functional.normalize(embeddings.float(), dim=1).cpu().numpy()
+    class Embedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model  # a submodule: its weights are the export's, and its cache key's
+
+        def forward(self, pixel_values):
+            return torch.nn.functional.normalize(embed(self.model, pixel_values).float(), dim=1)
+
+    module = Embedding().eval()
+    if context.runtime == "onnxruntime" and context.device == "cpu":
+        from plugins.builtin import onnx_runtime
+
+        onnx = onnx_runtime.export(module, (1, 3, *input_size), name, context.cache_dir, context.cpu_threads)
+        return lambda pixels: onnx(pixels.astype(np.float32, copy=False))[0]
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(pixels).to(context.device, dtype)).cpu().numpy()
+
+    return run
 
 
 class TransformersDetector:
@@ -103,22 +128,21 @@ class FashionSwinEncoder:
             }
         )
         module.load_state_dict(state)
-        self.model, self.dtype = place(module, context)
-        self.device = context.device
+        self.model, dtype = place(module, context)
         self.size = (config.image_size, config.image_size)
         self.mean, self.std = processor.image_mean, processor.image_std
         self.dim = int(head.shape[0])
         self.version = str(name_or_path)
 
-    def encode(self, crops: list[Image.Image]) -> np.ndarray:
-        import torch
+        def embed(model, pixel_values):
+            return model["embedding_layer"](model["swin"](pixel_values=pixel_values).pooler_output)
 
+        self.run = _embedding_runner(self.model, embed, self.size, "fashion-swin", context, dtype)
+
+    def encode(self, crops: list[Image.Image]) -> np.ndarray:
         if not crops:
             return np.empty((0, self.dim), dtype=np.float32)
-        pixels = torch.from_numpy(resize_normalise(crops, self.size, self.mean, self.std))
-        with torch.inference_mode():
-            pooled = self.model["swin"](pixel_values=pixels.to(self.device, self.dtype)).pooler_output
-            return _to_numpy(self.model["embedding_layer"](pooled))
+        return self.run(resize_normalise(crops, self.size, self.mean, self.std))
 
 
 class ClipVisionEncoder:
@@ -130,19 +154,23 @@ class ClipVisionEncoder:
         name_or_path = context.options.get("name_or_path", CLIP_DEFAULT)
         self.processor = pretrained(AutoImageProcessor, name_or_path, "encoder")
         model = pretrained(CLIPVisionModelWithProjection, name_or_path, "encoder")
-        self.model, self.dtype = place(model, context)
-        self.device = context.device
+        self.model, dtype = place(model, context)
         self.dim = int(model.config.projection_dim)
         self.version = str(name_or_path)
+        size = model.config.image_size
+        self.run = _embedding_runner(
+            self.model,
+            lambda model, pixel_values: model(pixel_values=pixel_values).image_embeds,
+            (size, size),
+            "clip-vision",
+            context,
+            dtype,
+        )
 
     def encode(self, crops: list[Image.Image]) -> np.ndarray:
-        import torch
-
         if not crops:
             return np.empty((0, self.dim), dtype=np.float32)
-        pixels = self.processor(images=crops, return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
-            return _to_numpy(self.model(pixel_values=pixels.to(self.device, self.dtype)).image_embeds)
+        return self.run(self.processor(images=crops, return_tensors="np")["pixel_values"])
 
 
 class TransformersClassifier:

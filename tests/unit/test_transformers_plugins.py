@@ -158,3 +158,15 @@ def test_selected_by_name_with_options_from_the_config(tiny_detr, tiny_swin):
         },
     )
     assert models.detector.threshold == 0.0 and models.encoder.dim == 128
+
+
+@pytest.mark.parametrize("encoder_class", [FashionSwinEncoder, ClipVisionEncoder], ids=["fashion-swin", "clip-vision"])
+def test_encoders_give_the_same_vectors_in_onnxruntime(encoder_class, tiny_swin, tiny_clip, tmp_path):
+    path = str(tiny_swin if encoder_class is FashionSwinEncoder else tiny_clip)
+    crops = [product_image(i) for i in range(4)]
+    eager = encoder_class(ModelContext("cpu", options={"name_or_path": path})).encode(crops)
+    exported_context = ModelContext("cpu", options={"name_or_path": path}, runtime="onnxruntime", cache_dir=tmp_path)
+    exported = encoder_class(exported_context).encode(crops)
+    assert exported.shape == eager.shape and exported.dtype == np.float32
+    assert float((eager * exported).sum(axis=1).min()) >= 0.999
+    assert len(list(tmp_path.glob(f"{encoder_class.name}-*.onnx"))) == 1
