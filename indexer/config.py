@@ -67,6 +67,12 @@ class ModelSettings(BaseModel):
     batch_size: int = Field(32, ge=1)
     #: Per-model options by model name, e.g. ``[models.options.fashion-swin] name_or_path = "..."``.
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: A detector per collection where it differs from ``detector``, e.g. ``[models.detectors] posts =
+    #: "ssd-street"``: catalog thumbnails want the whole image, street photos a garment or person detector.
+    detectors: dict[Literal["products", "posts"], str] = Field(default_factory=dict)
+
+    def detector_for(self, collection: str) -> str:
+        return self.detectors.get(collection, self.detector)
 
 
 class ApiSettings(BaseModel):

@@ -43,7 +43,9 @@ def load(settings: Settings, selection: ModelSettings) -> Models:
         runtime=resolve_runtime(selection.runtime, device),
         cache_dir=settings.data_dir / "models",
     )
-    models = load_models(pm, selection.detector, selection.encoder, selection.classifier, context, selection.options)
+    models = load_models(
+        pm, selection.detector, selection.encoder, selection.classifier, context, selection.options, selection.detectors
+    )
     log.info(
         "models: %s/%s/%s on %s (%s)",
         models.detector.name,
@@ -67,12 +69,18 @@ def identity(models: Models, selection: ModelSettings) -> dict[str, Any]:
         "detector": models.detector.name,
         "classifier": models.classifier.name,
         "options": selection.options,
+        # only where a collection has its own detector, so that existing generations keep their ids
+        **({"detectors": {c: d.name for c, d in sorted(models.detectors.items())}} if models.detectors else {}),
     }
 
 
 def same_models(a: ModelSettings, b: ModelSettings) -> bool:
     """Whether two selections give the same vectors and categories (device or batch size do not)."""
-    return (a.detector, a.encoder, a.classifier, a.options) == (b.detector, b.encoder, b.classifier, b.options)
+
+    def models(s: ModelSettings) -> tuple:
+        return (s.encoder, s.classifier, s.options, *(s.detector_for(c) for c in COLLECTIONS))
+
+    return models(a) == models(b)
 
 
 def generation_id(ident: dict[str, Any]) -> str:
@@ -158,6 +166,7 @@ class Generation:
         return {
             "id": self.id,
             "detector": self.models.detector.name,
+            "detectors": {c: self.models.detector_for(c).name for c in COLLECTIONS},
             "encoder": encoder.name,
             "encoder_version": encoder.version,
             "dim": encoder.dim,

@@ -1,5 +1,8 @@
 """Events in, index operations out: read -> decode -> detect -> crop -> encode -> classify.
 
+Each collection is detected with its own detector (``models.detectors``):
+catalog thumbnails as whole images, street photos by a garment detector.
+
 The pipeline holds no index state; it turns a batch of validated events into
 :class:`Upsert`, :class:`Delete` or :class:`Rejected` outcomes, one per event and
 in the same order, so the consumer can dead-letter exactly the events that
@@ -44,7 +47,7 @@ from indexer.images import Decoded, decode
 from indexer.sources import ImageSources
 from indexer.store.records import Delete, Item, Upsert
 from plugins.manager import Models
-from plugins.models import Detection, RetryableError
+from plugins.models import Detection, Detector, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +161,26 @@ class Pipeline:
         return [fetched.get(i, event.image) for i, event in enumerate(events)]  # type: ignore[misc]
 
     def _finish(self, events: Sequence[Event], chunk: _Chunk, outcomes: list) -> None:
-        """Analyse one chunk of decoded images and fill in their outcomes."""
-        decoded = [d for _, d, _ in chunk.ready]
-        results = self._analyse_isolating(decoded, [events[i].attrs for i, _, _ in chunk.ready])
-        for (i, _, thumbnail), result in zip(chunk.ready, results, strict=True):
-            event = events[i]
-            if isinstance(result, Rejection):
-                outcomes[i] = Rejected.of(result)
-            else:
-                outcomes[i] = Upsert(event.collection, event.id, event.ts, event.attrs, tuple(result), thumbnail)
+        """Analyse one chunk of decoded images, each collection with its own detector; fill in their outcomes."""
+        by_collection: dict[str, list[tuple[int, Decoded, bytes]]] = {}
+        for ready in chunk.ready:
+            by_collection.setdefault(events[ready[0]].collection, []).append(ready)
+        for collection, members in by_collection.items():
+            detector = self.models.detector_for(collection)
+            decoded = [d for _, d, _ in members]
+            results = self._analyse_isolating(decoded, [events[i].attrs for i, _, _ in members], detector)
+            for (i, _, thumbnail), result in zip(members, results, strict=True):
+                event = events[i]
+                if isinstance(result, Rejection):
+                    outcomes[i] = Rejected.of(result)
+                else:
+                    outcomes[i] = Upsert(event.collection, event.id, event.ts, event.attrs, tuple(result), thumbnail)
 
-    def _analyse_isolating(self, images: list[Decoded], attrs: list[dict[str, Any]]) -> list[list[Item] | Rejection]:
+    def _analyse_isolating(
+        self, images: list[Decoded], attrs: list[dict[str, Any]], detector: Detector
+    ) -> list[list[Item] | Rejection]:
         """Analyse; if the models keep failing, split the chunk to reject only the events that fail."""
-        results = self._bisect(images, attrs)
+        results = self._bisect(images, attrs, detector)
         if len(results) > 1 and all(isinstance(r, Rejection) for r in results):
             # Every event failed on its own: the models are broken, not the events. Retry the
             # batch later rather than dead-letter a whole stream.
@@ -178,11 +188,13 @@ class Pipeline:
             raise ModelsFailing(f"the models failed on each of {len(images)} images: {first}")
         return results
 
-    def _bisect(self, images: list[Decoded], attrs: list[dict[str, Any]]) -> list[list[Item] | Rejection]:
+    def _bisect(
+        self, images: list[Decoded], attrs: list[dict[str, Any]], detector: Detector
+    ) -> list[list[Item] | Rejection]:
         error: Exception | None = None
         for attempt in range(1, self.model_attempts + 1):
             try:
-                return self.analyse(images, attrs)  # type: ignore[return-value]
+                return self.analyse(images, attrs, detector=detector)  # type: ignore[return-value]
             except Exception as e:
                 if is_transient(e):
                     raise
@@ -191,26 +203,31 @@ class Pipeline:
         if len(images) == 1:
             return [Rejection(Reason.MODEL_FAILED, describe(error))]  # type: ignore[arg-type]
         middle = len(images) // 2
-        return self._bisect(images[:middle], attrs[:middle]) + self._bisect(images[middle:], attrs[middle:])
+        return self._bisect(images[:middle], attrs[:middle], detector) + self._bisect(
+            images[middle:], attrs[middle:], detector
+        )
 
     def analyse(
         self,
         images: Sequence[Decoded | Image.Image],
         attrs: list[dict[str, Any]],
         timings: dict[str, float] | None = None,
+        detector: Detector | None = None,
     ) -> list[list[Item]]:
         """Detect, crop, encode and classify; return the items of each image.
 
         Boxes are given in the original image's pixels where an image is a
         :class:`~indexer.images.Decoded`. ``timings``, if given, receives the
         milliseconds spent in "detect" and "encode" (encode + classify).
+        ``detector`` defaults to the products' (``models.detector``).
         """
+        detector = detector or self.models.detector
         if not images:
             return []
         decoded = [d if isinstance(d, Decoded) else Decoded(d, d.size) for d in images]
         pictures = [d.image for d in decoded]
         started = time.perf_counter()
-        detections = self.models.detector.detect(pictures)
+        detections = detector.detect(pictures)
         if len(detections) != len(pictures):
             raise ModelOutputError(f"the detector answered for {len(detections)} of {len(pictures)} images")
         detected = time.perf_counter()

@@ -82,15 +82,30 @@ class Stopwatch:
         return {**self.ms, "total": round((time.perf_counter() - self.started) * 1000, 2)}
 
 
+#: What kind of photo a query is -> the collection whose detector finds its items.
+PHOTO_KINDS = {"product": "products", "street": "posts"}
+
+
 def search_image(
-    pipeline: Pipeline, shards: ShardSet, images: ImageSettings, data: bytes, k: int, where: Where
+    pipeline: Pipeline,
+    shards: ShardSet,
+    images: ImageSettings,
+    data: bytes,
+    k: int,
+    where: Where,
+    photo: str = "product",
 ) -> QueryResult:
-    """Hits per detected item, and for the whole image; raises InvalidImage for bytes that are not one."""
+    """Hits per detected item, and for the whole image; raises InvalidImage for bytes that are not one.
+
+    ``photo`` says what the query image is, so that it is detected as its kind
+    is indexed: "product" (a catalog thumbnail) or "street" (a photo like a post).
+    """
     clock = Stopwatch()
     with clock.stage("decode"):
         decoded = decode(data, images.max_pixels, images.decode_max_side)
     stages: dict[str, float] = {}
-    items = pipeline.analyse([decoded], [{}], stages)[0]
+    detector = pipeline.models.detector_for(PHOTO_KINDS[photo])
+    items = pipeline.analyse([decoded], [{}], stages, detector=detector)[0]
     for name, ms in stages.items():
         clock.add(name, ms)
     width, height = decoded.original_size

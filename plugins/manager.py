@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pluggy
@@ -70,6 +70,11 @@ class Models:
     detector: Detector
     encoder: Encoder
     classifier: Classifier
+    #: collection -> its own detector, where it has one (``models.detectors``)
+    detectors: Mapping[str, Detector] = field(default_factory=dict)
+
+    def detector_for(self, collection: str) -> Detector:
+        return self.detectors.get(collection, self.detector)
 
 
 def resolve_device(requested: str) -> str:
@@ -96,8 +101,9 @@ def load_models(
     classifier: str,
     context: ModelContext,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    detectors: Mapping[str, str] | None = None,
 ) -> Models:
-    """Instantiate the three configured models; an unknown name lists the known ones.
+    """Instantiate the three configured models (and a detector per collection); an unknown name lists the known ones.
 
     Each factory gets ``context`` with the options configured for its own name.
     ``context.cpu_threads`` sets torch's intra-op threads for the process here,
@@ -112,8 +118,12 @@ def load_models(
     def create(role: str, name: str):
         return registry(pm, role).create(name, replace(context, options=options.get(name, {})))
 
+    default_detector = create("detector", detector)
     return Models(
-        detector=create("detector", detector),
+        detector=default_detector,
         encoder=create("encoder", encoder),
         classifier=create("classifier", classifier),
+        detectors={
+            collection: create("detector", name) for collection, name in (detectors or {}).items() if name != detector
+        },
     )

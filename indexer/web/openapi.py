@@ -196,7 +196,15 @@ def document(settings: Settings) -> Schema:
         "/search": {
             "post": {
                 "summary": "Search with a photo: hits per detected garment and for the whole image",
-                "parameters": query_params,
+                "parameters": [
+                    *query_params,
+                    {
+                        "name": "photo",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["product", "street"], "default": "product"},
+                        "description": "what the photo is: detected with the products' or the posts' detector",
+                    },
+                ],
                 "requestBody": image_body,
                 "responses": {"200": _json(_ref("SearchResponse"), "results"), **_errors(400, 413, 415)},
             }

@@ -39,6 +39,9 @@ async def search(request: web.Request) -> web.Response:
     """Per detected item its box, category, score and hits; and hits for the whole image."""
     node = request.app[NODE]
     params = SearchParams.parse(dict(request.query), node.settings.api)
+    photo = request.query.get("photo", "product")
+    if photo not in query_flow.PHOTO_KINDS:
+        raise error(web.HTTPBadRequest, f"photo must be product or street, got {photo!r}")
     data = await _read_image(request)
     generation = node.active  # one generation for the whole query, even across a flip
     try:
@@ -50,6 +53,7 @@ async def search(request: web.Request) -> web.Response:
             data,
             params.k,
             params.where,
+            photo,
         )
     except InvalidImage as e:
         raise error(web.HTTPBadRequest, str(e)) from e

@@ -252,3 +252,32 @@ async def test_more_like_this_answers_from_the_stored_vector_and_leaves_the_reco
     status, body = await similar("/items/p3/similar?item=4")
     assert status == 404 and "has no item 4" in body["error"]
     assert (await similar("/items/p3/similar?collection=users"))[0] == 400
+
+
+async def test_a_street_photo_is_detected_as_posts_are(aiohttp_client, default_models, tmp_path):
+    from dataclasses import replace
+
+    from indexer.config import Settings
+    from indexer.events import Event
+    from indexer.node import Node
+    from tests.support.detectors import HalvesDetector
+
+    models = replace(default_models, detectors={"posts": HalvesDetector()})
+    node = Node.create(Settings(data_dir=tmp_path), models)
+    node.active.shards.apply(
+        node.active.pipeline.process([Event("post.upsert", "look", 1, image=encoded(product_image(2)))])
+    )
+    client = await aiohttp_client(create_app(node, consume=False))
+
+    async def items(photo: str) -> list[dict]:
+        response = await client.post(
+            f"/search?collection=posts&photo={photo}", data=encoded(product_image(2)), headers=JPEG
+        )
+        assert response.status == 200
+        return (await response.json())["items"]
+
+    street = await items("street")
+    assert [i["label"] for i in street] == ["top", "bottom"] and street[0]["hits"][0]["id"] == "look"
+    assert [i["label"] for i in await items("product")] == [None]
+    response = await client.post("/search?photo=selfie", data=encoded(product_image(2)), headers=JPEG)
+    assert response.status == 400 and "photo must be product or street" in (await response.json())["error"]

@@ -98,3 +98,18 @@ def test_build_node_records_the_answering_generation(tmp_path):
         assert node.active.checkpointer is not None and node.active.restored_from is None
     finally:
         node.close()
+
+
+def test_a_detector_per_collection_is_part_of_the_generation(default_models):
+    from dataclasses import replace
+
+    from plugins.builtin.whole_image import WholeImageDetector
+    from plugins.models import ModelContext
+
+    plain = generations.identity(default_models, ModelSettings())
+    assert "detectors" not in plain  # generations without per-collection detectors keep their ids
+    street = replace(default_models, detectors={"posts": WholeImageDetector(ModelContext("cpu"))})
+    with_street = generations.identity(street, ModelSettings(detectors={"posts": "ssd-street"}))
+    assert generations.generation_id(with_street) != generations.generation_id(plain)
+    assert generations.same_models(ModelSettings(), ModelSettings(detectors={"posts": "whole-image"}))
+    assert not generations.same_models(ModelSettings(), ModelSettings(detectors={"posts": "ssd-street"}))

@@ -5,6 +5,7 @@ from indexer.events import Event
 from indexer.failures import Reason
 from indexer.pipeline import Pipeline, Rejected, crop
 from indexer.store.records import Delete, Upsert
+from tests.support.detectors import HalvesDetector
 from tests.support.imagegen import encoded, product_image
 
 
@@ -129,3 +130,18 @@ def test_images_are_analysed_small_and_boxes_come_back_in_original_pixels():
     event = Event("product.upsert", "big", 1, image=solid((9, 9, 9), (3000, 1500)))
     (outcome,) = small_pipeline(encoder, decode_max_side=300).process([event])
     assert outcome.items[0].box == (0, 0, 3000, 1500)
+
+
+def test_each_collection_is_detected_with_its_own_detector():
+    from dataclasses import replace
+
+    pipeline = small_pipeline(CountingEncoder())
+    pipeline.models = replace(pipeline.models, detectors={"posts": HalvesDetector()})
+    events = [
+        Event("product.upsert", "p1", 1, image=solid((10, 10, 10), (40, 60)), attrs={"category": "top"}),
+        Event("post.upsert", "s1", 2, image=solid((20, 20, 20), (40, 60))),
+        Event("product.upsert", "p2", 3, image=solid((30, 30, 30), (40, 60)), attrs={"category": "shoes"}),
+    ]
+    product, post, other = pipeline.process(events)
+    assert [item.box for item in product.items] == [(0, 0, 40, 60)] and len(other.items) == 1
+    assert [(item.label, item.box) for item in post.items] == [("top", (0, 0, 40, 30)), ("bottom", (0, 30, 40, 60))]
