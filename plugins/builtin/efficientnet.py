@@ -71,59 +71,45 @@ def _normalised(model, pixels):
     return ((x - mean) / std).to(dtype)
 
 
-class _Embedding:
-    """The network's embedding head as a module: the global average of the last convolution, L2-normalised."""
+def _head(model, head: str):
+    """One head of the network as a module taking uint8 NHWC pixels.
 
-    @staticmethod
-    def module(model):
-        import torch
+    "embedding": the global average of the last convolution, L2-normalised;
+    "probabilities": softmax over the 1000 ImageNet classes.
+    """
+    import torch
 
-        class Embedding(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-            def forward(self, pixels):
-                features = self.model.extract_features(_normalised(self.model, pixels)).mean(dim=(2, 3))
+        def forward(self, pixels):
+            x = _normalised(self.model, pixels)
+            if head == "embedding":
+                features = self.model.extract_features(x).mean(dim=(2, 3))
                 return torch.nn.functional.normalize(features.float(), dim=1)
+            return self.model(x).float().softmax(-1)
 
-        return Embedding()
-
-
-class _Probabilities:
-    """The network's ImageNet classifier as a module: softmax over the 1000 classes."""
-
-    @staticmethod
-    def module(model):
-        import torch
-
-        class Probabilities(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, pixels):
-                return self.model(_normalised(self.model, pixels)).float().softmax(-1)
-
-        return Probabilities()
+    return Head()
 
 
-def _runner(head: type, context: ModelContext):
-    """The head run the way ``context`` asks: a callable from a float32 NCHW batch to a float32 array."""
+def _runner(head: str, context: ModelContext):
+    """The head run the way ``context`` asks: a callable from a uint8 NHWC batch to a float32 array."""
     return _cached_runner(head, context.device, context.runtime, context.cpu_threads, context.cache_dir)
 
 
 @lru_cache(maxsize=8)
-def _cached_runner(head: type, device: str, runtime: str, threads: int | None, cache_dir: Path | None):
+def _cached_runner(head: str, device: str, runtime: str, threads: int | None, cache_dir: Path | None):
     """Cached, so the encoder and the classifier share one loaded network (and one session per head)."""
     model, _ = load_network(device)
-    module = head.module(model)
+    module = _head(model, head)
     if runtime == "onnxruntime":
         if device != "cpu":
             raise ValueError("models.runtime 'onnxruntime' runs on the CPU here; use 'torch' (or 'auto') on a GPU")
         from plugins.builtin import onnx_runtime
 
-        name = f"efficientnet-lite0-{head.__name__.strip('_').lower()}"
+        name = f"efficientnet-lite0-{head}"
         onnx = onnx_runtime.export(module, (1, *INPUT_SIZE, 3), name, cache_dir, threads, input_dtype="uint8")
         return lambda batch: onnx(batch)[0]
     if runtime != "torch":
@@ -144,7 +130,7 @@ class EfficientNetLite0Encoder:
     dim = 1280
 
     def __init__(self, context: ModelContext) -> None:
-        self.run = _runner(_Embedding, context)
+        self.run = _runner("embedding", context)
 
     def encode(self, crops: list[Image.Image]) -> np.ndarray:
         if not crops:
@@ -163,7 +149,7 @@ class ImageNetGarmentClassifier:
     name = "imagenet-garments"
 
     def __init__(self, context: ModelContext) -> None:
-        self.run = _runner(_Probabilities, context)
+        self.run = _runner("probabilities", context)
         self.min_score = float(context.options.get("min_score", 0.15))
         categories = sorted(set(IMAGENET_GARMENTS.values()))
         self.categories = categories
