@@ -265,6 +265,35 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _best_per_record(candidates: list[tuple[float, ItemMeta]], k: int) -> list[Hit]:
+    """The k best records, each with its best-scoring item: a record is one hit."""
+    candidates.sort(key=lambda c: -c[0])
+    hits: dict[tuple[str, str], Hit] = {}
+    for score, meta in candidates:
+        record = (meta.collection, meta.record_id)
+        if record not in hits:
+            hits[record] = Hit(meta.record_id, score, meta.collection, meta.category, meta.item, meta.box, meta.attrs)
+            if len(hits) == k:
+                break
+    return list(hits.values())
+
+
+def _exact_filtered(
+    states: list[ShardState], query: np.ndarray, seq: int, accept: Callable[[ItemMeta], bool], k: int
+) -> list[tuple[float, ItemMeta]]:
+    """Exact scores of the live rows that pass ``accept``: the best ``FILTER_FETCH * k`` of each segment."""
+    candidates: list[tuple[float, ItemMeta]] = []
+    for state in states:
+        for segment in state.segments:
+            rows = np.array([r for r in segment.live_rows(seq).tolist() if accept(segment.metas[r])], np.int64)
+            if not len(rows):
+                continue
+            scores = segment.row_vectors(rows) @ query
+            best = np.argsort(-scores)[: FILTER_FETCH * k]
+            candidates.extend((float(scores[j]), segment.metas[rows[j]]) for j in best.tolist())
+    return candidates
+
+
 def _row_of(state: ShardState, key: int, seq: int) -> tuple[Segment, int] | None:
     """The segment and row of a live item key at ``seq`` (keys ascend within a segment)."""
     for segment in (state.sealed, state.growing):
@@ -459,10 +488,13 @@ class ShardSet:
     ) -> list[Hit]:
         """Top-k records by their best-matching item across the selected shards.
 
-        ``accept`` filters items by their metadata (brand, price, ...). Filtering
-        happens after the nearest-neighbour search, which then fetches
-        ``FILTER_FETCH`` times more candidates; a filter that rejects nearly all
-        of them can return fewer than k hits.
+        ``accept`` filters items by their metadata (brand, price, ...). The
+        nearest-neighbour search first fetches ``FILTER_FETCH`` times more
+        candidates and filters them; when that leaves fewer than k records (a
+        selective filter), the selected shards' live rows that pass the filter
+        are searched exactly instead, so that k hits come back whenever k
+        matching records exist (the exact pass reads every row's metadata:
+        its cost grows with the shard, not with k).
         """
         view = self.view
         collections = (collection,) if isinstance(collection, str) else collection
@@ -476,17 +508,15 @@ class ShardSet:
                     for segment in state.segments:
                         found = segment.search(query, fetch, view.seq)[0]
                         candidates.extend(found if accept is None else (c for c in found if accept(c[1])))
-        candidates.sort(key=lambda c: -c[0])
-        hits: dict[tuple[str, str], Hit] = {}
-        for score, meta in candidates:
-            record = (meta.collection, meta.record_id)
-            if record not in hits:
-                hits[record] = Hit(
-                    meta.record_id, score, meta.collection, meta.category, meta.item, meta.box, meta.attrs
-                )
-                if len(hits) == k:
-                    break
-        return list(hits.values())
+        hits = _best_per_record(candidates, k)
+        if accept is not None and len(hits) < k:
+            selected = [
+                state
+                for (coll, cat), state in view.shards.items()
+                if coll in collections and (category is None or cat == category)
+            ]
+            hits = _best_per_record(_exact_filtered(selected, query[0], view.seq, accept, k), k)
+        return hits
 
     def recent(self, limit: int) -> list[tuple[ItemMeta, ...]]:
         """Up to ``limit`` recently upserted records that are still indexed, newest first."""

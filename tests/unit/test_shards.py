@@ -351,3 +351,21 @@ def test_a_records_stored_vector_comes_back_from_any_kind_of_segment(rows, seale
     shards.apply([Delete("products", "p7", 0)])
     assert shards.record_vectors("products", "p7") is None
     shards.close()
+
+
+def test_a_selective_filter_still_returns_k_hits_when_k_records_match():
+    """10 of 1,200 records match, none near the query: the approximate pass misses them, the exact one does not."""
+    shards = ShardSet(DIM, SMALL)
+    data = unit_vectors(1_200)
+    fill(shards, data[:1_190], batch=200)
+    rare = [upsert(f"rare{i}", [data[1_190 + i]], attrs={"brand": "rare"}) for i in range(10)]
+    shards.apply(rare)
+    shards.wait_for_rebuilds(timeout=60)
+    assert shards.sizes()[0]["sealed"] in ("hnsw", "ivf")
+    query = data[0]
+    accept = lambda meta: meta.attrs.get("brand") == "rare"  # noqa: E731
+    hits = shards.search(query, 5, "products", accept=accept)
+    expected = sorted(range(10), key=lambda i: -float(data[1_190 + i] @ query))[:5]
+    assert [h.id for h in hits] == [f"rare{i}" for i in expected]
+    assert len(shards.search(query, 50, "products", accept=accept)) == 10  # all that match, no more
+    shards.close()
