@@ -55,6 +55,15 @@ class ConsumerHealth:
             self.failing_since = None
             self.failing = None
 
+    def count(self, what: str) -> None:
+        """Count a failure that another one already reports (a refused dead letter fails its batch too)."""
+        with self._lock:
+            self.failures[what] += 1
+
+    def failure_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.failures)
+
     def progressed(self) -> None:
         self.last_progress = time.monotonic()
 
@@ -85,7 +94,7 @@ class ConsumerHealth:
         return {
             "consecutive_failures": self.consecutive_failures,
             "last_failure": self.last_failure,
-            "failures": dict(self.failures),
+            "failures": self.failure_counts(),
             "gave_up": self.gave_up,
             "seconds_since_progress": round(time.monotonic() - self.last_progress, 1),
         }

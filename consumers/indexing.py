@@ -194,7 +194,7 @@ class IndexingConsumer:
                 client_id="lookstream-dead-letter",
                 acks="all",
                 enable_idempotence=self.kafka.enable_idempotence,
-                max_request_size=self.kafka.max_message_bytes + 64 * 1024,
+                max_request_size=self.kafka.produce_request_bytes,
             )
         except Exception:
             consumer.close(autocommit=False)
@@ -223,7 +223,6 @@ class IndexingConsumer:
                     transient = is_transient(e)
                     delay = self.health.failed("batch", describe(e), counts_towards_giving_up=not transient)
                     log.exception("batch failed; retrying from the last applied offsets in %.0f s", delay)
-                    self.stats.record_error(describe(e))
                     self._seek_to_applied(consumer, batch.keys())
                     if self.health.should_give_up():
                         raise
@@ -388,7 +387,7 @@ class IndexingConsumer:
             for future in futures:
                 future.get(timeout=0)  # raises if the broker refused it: then nothing is committed
         except Exception:
-            self.health.failures["dead-letter"] += 1
+            self.health.count("dead-letter")
             raise
 
     @staticmethod

@@ -16,7 +16,6 @@ class IngestStats:
     rejected: Counter = field(default_factory=Counter)  # reason kind -> count
     #: "topic/partition" -> next offset to read (the last applied offset + 1)
     offsets: dict[str, int] = field(default_factory=dict)
-    last_error: str | None = None
     #: event ts -> searchable, in ms, for the newest live event of the last batch and the slowest
     #: live one ever; replays (events older than the consumer) do not count
     freshness_ms_last: int | None = None
@@ -53,7 +52,6 @@ class IngestStats:
             self.deleted += deleted
             self.rejected.update(str(kind) for kind in rejected)
             self.offsets.update(offsets)
-            self.last_error = None
 
     def counters(self) -> dict:
         """What a checkpoint keeps, so that counts stay exact across restarts."""
@@ -72,10 +70,6 @@ class IngestStats:
             self.deleted = counters.get("deleted", 0)
             self.rejected = Counter(counters.get("rejected", {}))
 
-    def record_error(self, message: str) -> None:
-        with self._lock:
-            self.last_error = message
-
     def snapshot(self) -> dict:
         with self._lock:
             return {
@@ -85,6 +79,5 @@ class IngestStats:
                 "rejected": sum(self.rejected.values()),
                 "rejected_by_reason": dict(self.rejected),
                 "offsets": dict(sorted(self.offsets.items())),
-                "last_error": self.last_error,
                 "freshness_ms": {"last": self.freshness_ms_last, "max": self.freshness_ms_max},
             }

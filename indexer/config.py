@@ -42,10 +42,17 @@ class KafkaSettings(BaseModel):
     poll_timeout_ms: int = Field(1000, ge=100)
     max_poll_records: int = Field(64, ge=1)
     max_message_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    # Topics this node creates: replication factor, and the dead-letter topic's largest message
-    # (the largest event plus the reason headers).
+    # Topics this node creates: replication factor, and the dead-letter topic's largest message.
     replication_factor: int = Field(1, ge=1)
-    dead_letter_max_message_bytes: int = Field(11 * 1024 * 1024, ge=1024)
+    # None: the largest event plus room for the reason headers (max_message_bytes + 64 KiB), so that
+    # raising max_message_bytes never leaves a dead letter too large for its topic.
+    dead_letter_max_message_bytes: int | None = Field(None, ge=1024)
+
+    @property
+    def produce_request_bytes(self) -> int:
+        """The largest produce request: one event plus its headers (a dead letter's reasons among them)."""
+        return self.max_message_bytes + 64 * 1024
+
     # The idempotent producer lost acknowledged messages across Tansu restarts;
     # upserts absorb the rare duplicate a non-idempotent producer may write.
     enable_idempotence: bool = False

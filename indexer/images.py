@@ -18,7 +18,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from indexer.failures import Reason, Rejection
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
-ORIENTATION_TAG = 0x0112
 
 
 class InvalidImage(Rejection):
@@ -70,10 +69,10 @@ def decode(data: bytes, max_pixels: int, max_side: int | None = None) -> Decoded
             scale = max_side / max(width, height)
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
-        # EXIF orientations 5-8 turn the image a quarter: width and height swap.
-        if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
-            width, height = height, width
+        before = image.size
         image = ImageOps.exif_transpose(image) or image
+        if image.size != before:  # EXIF turned it a quarter: the original's width and height swap too
+            width, height = height, width
     except InvalidImage:
         raise
     except Image.DecompressionBombError as e:  # over twice PIL's own limit, refused by Image.open

@@ -33,7 +33,7 @@ def make_producer(kafka: KafkaSettings) -> KafkaProducer:
         client_id="lookstream-producer",
         acks="all",
         enable_idempotence=kafka.enable_idempotence,
-        max_request_size=kafka.max_message_bytes + 64 * 1024,
+        max_request_size=kafka.produce_request_bytes,
         linger_ms=5,
     )
 

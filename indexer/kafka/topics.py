@@ -16,12 +16,14 @@ log = logging.getLogger(__name__)
 def ensure_topics(kafka: KafkaSettings) -> None:
     """Create the product, post and dead-letter topics where missing (existing ones are left as they are).
 
-    The dead-letter topic takes messages up to ``kafka.dead_letter_max_message_bytes``:
+    The dead-letter topic takes messages up to ``kafka.dead_letter_max_message_bytes``
+    (by default the largest event plus 64 KiB):
     a dead letter is the event as it came plus the reason headers.
     """
     topics = kafka.topics
     wanted = [topics.products, topics.posts, topics.dead_letter]
-    configs = {topics.dead_letter: {"max.message.bytes": str(kafka.dead_letter_max_message_bytes)}}
+    dead_letter_bytes = kafka.dead_letter_max_message_bytes or kafka.produce_request_bytes
+    configs = {topics.dead_letter: {"max.message.bytes": str(dead_letter_bytes)}}
     admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, client_id="lookstream-admin")
     try:
         existing = set(admin.list_topics())

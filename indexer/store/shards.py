@@ -324,7 +324,8 @@ class ShardSet:
         #: builds, holds and searches every segment of every shard (indexer/store/backends.py)
         self.backend = backend or FaissBackend()
         self._shards: dict[ShardKey, Shard] = {}  # writer-only
-        self._records: dict[tuple[str, str], list[tuple[ShardKey, int]]] = {}  # writer-only
+        #: record -> where its items are; only the writer changes it (readers only get(): record_vectors)
+        self._records: dict[tuple[str, str], list[tuple[ShardKey, int]]] = {}
         self._record_counts: dict[str, int] = {}
         #: (collection, id) -> the record's items; replaced whole, so readers may look up without a lock
         self._record_items: dict[tuple[str, str], tuple[ItemMeta, ...]] = {}
@@ -501,20 +502,20 @@ class ShardSet:
         query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
         # More than k: one record may hold several matching items, and a filter drops some.
         fetch = k * (FILTER_FETCH if accept is not None else 2)
+        selected = [
+            state
+            for (coll, cat), state in view.shards.items()
+            if coll in collections and (category is None or cat == category)
+        ]
         candidates: list[tuple[float, ItemMeta]] = []
         with one_openmp_thread():
-            for (coll, cat), state in view.shards.items():
-                if coll in collections and (category is None or cat == category):
-                    for segment in state.segments:
-                        found = segment.search(query, fetch, view.seq)[0]
-                        candidates.extend(found if accept is None else (c for c in found if accept(c[1])))
+            for state in selected:
+                for segment in state.segments:
+                    found = segment.search(query, fetch, view.seq)[0]
+                    candidates.extend(found if accept is None else (c for c in found if accept(c[1])))
         hits = _best_per_record(candidates, k)
-        if accept is not None and len(hits) < k:
-            selected = [
-                state
-                for (coll, cat), state in view.shards.items()
-                if coll in collections and (category is None or cat == category)
-            ]
+        if accept is not None and len(hits) < k and any(s.count > fetch for st in selected for s in st.segments):
+            # Some rows were never candidates: score every row that passes the filter.
             hits = _best_per_record(_exact_filtered(selected, query[0], view.seq, accept, k), k)
         return hits
 

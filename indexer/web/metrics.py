@@ -54,7 +54,7 @@ class _NodeCollector:
             labels=["what"],
         )
         if consumer is not None:
-            for what, count in consumer.health.failures.items():
+            for what, count in consumer.health.failure_counts().items():
                 failures.add_metric([what], count)
         yield failures
         vectors = GaugeMetricFamily(

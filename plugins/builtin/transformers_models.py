@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from plugins import hookimpl
+from plugins.builtin import onnx_runtime
 from plugins.builtin.classifiers import normalise_category
 from plugins.builtin.hf_loading import cached_file, option, place, pretrained
 from plugins.builtin.preprocess import resize_normalise
@@ -33,7 +34,7 @@ CLIP_DEFAULT = "openai/clip-vit-base-patch32"
 
 
 def _embedding_runner(model, embed, input_size: tuple[int, int], name: str, context: ModelContext, dtype):
-    """``embed(model, pixel_values)`` as a callable on float32 NCHW arrays, in the context's runtime.
+    """``embed(model, pixel_values)``, L2-normalised, as a callable on float32 NCHW arrays, in the context's runtime.
 
     With ``models.runtime`` onnxruntime (the CPU default) the vision tower and
     its head are exported once from the loaded weights and run by ONNX Runtime
@@ -49,18 +50,7 @@ def _embedding_runner(model, embed, input_size: tuple[int, int], name: str, cont
         def forward(self, pixel_values):
             return torch.nn.functional.normalize(embed(self.model, pixel_values).float(), dim=1)
 
-    module = Embedding().eval()
-    if context.runtime == "onnxruntime" and context.device == "cpu":
-        from plugins.builtin import onnx_runtime
-
-        onnx = onnx_runtime.export(module, (1, 3, *input_size), name, context.cache_dir, context.cpu_threads)
-        return lambda pixels: onnx(pixels.astype(np.float32, copy=False))[0]
-
-    def run(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(pixels).to(context.device, dtype)).cpu().numpy()
-
-    return run
+    return onnx_runtime.runner(Embedding().eval(), (1, 3, *input_size), name, context, torch_dtype=dtype)
 
 
 class TransformersDetector:

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from indexer.events import Event, encode_event
 from indexer.kafka.topics import ensure_topics
 from producers.publisher import make_producer
-from tests.support.processes import free_port, node_stats, wait_until
+from tests.support.processes import free_port, kafka_toml, node_stats, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -55,17 +55,13 @@ def test_a_batch_of_huge_images_fits_a_memory_limit_and_survives_a_restart(tmp_p
     ensure_topics(kafka)
     port = free_port()
     config = tmp_path / "lookstream.toml"
-    config.write_text(f"""
-[kafka]
-group_id = "{kafka.group_id}"
-max_poll_records = 16
-[kafka.topics]
-products = "{kafka.topics.products}"
-posts = "{kafka.topics.posts}"
-dead_letter = "{kafka.topics.dead_letter}"
+    config.write_text(
+        kafka_toml(kafka, max_poll_records=16)
+        + """
 [shards]
 checkpoint_interval_s = 0.3
-""")
+"""
+    )
     command = [sys.executable, "-m", "indexer", "up", "--config", str(config), "--port", str(port)]
     command += ["--data-dir", str(tmp_path / "data"), "--bootstrap-servers", kafka.bootstrap_servers]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -19,7 +19,7 @@ from indexer.events import Event, encode_event
 from indexer.kafka.topics import ensure_topics
 from producers.publisher import make_producer
 from tests.support.imagegen import encoded, product_image
-from tests.support.processes import ROOT, free_port, get_json, node_stats, wait_until
+from tests.support.processes import ROOT, free_port, get_json, kafka_toml, node_stats, wait_until
 
 
 def image(seed: int) -> bytes:
@@ -52,22 +52,17 @@ def run_scenario(kafka: KafkaSettings, workdir: Path, plugin_site: Path, kill_af
     ensure_topics(kafka)
     port = free_port()
     config = workdir / "lookstream.toml"
-    config.write_text(f"""
-[kafka]
-bootstrap_servers = "{kafka.bootstrap_servers}"
-group_id = "{kafka.group_id}"
-max_poll_records = 50
-[kafka.topics]
-products = "{kafka.topics.products}"
-posts = "{kafka.topics.posts}"
-dead_letter = "{kafka.topics.dead_letter}"
+    config.write_text(
+        kafka_toml(kafka, max_poll_records=50)
+        + """
 [models]
 encoder = "colour-histogram"
 [shards]
 checkpoint_interval_s = 0.3
 seal_min_rows = 500
 growing_max_rows = 400
-""")
+"""
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_site), str(ROOT)])}
     command = [
         sys.executable,

@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from indexer.config import KafkaSettings
+
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "lookstream-colour-histogram"
 
@@ -22,6 +24,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kafka_toml(kafka: KafkaSettings, **extra: int) -> str:
+    """The ``[kafka]`` tables of a node's config file: the cluster, the group, the topics, and ``extra`` numbers."""
+    lines = ["[kafka]", f'bootstrap_servers = "{kafka.bootstrap_servers}"', f'group_id = "{kafka.group_id}"']
+    lines += [f"{key} = {value}" for key, value in extra.items()]
+    lines.append("[kafka.topics]")
+    lines += [f'{name} = "{topic}"' for name, topic in kafka.topics.model_dump().items()]
+    return "\n".join(lines) + "\n"
 
 
 def install_example(target: Path) -> Path:
