@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 LOCAL_BROKER_PORT = 19092
 
@@ -182,6 +182,28 @@ class ShardSettings(BaseModel):
     #: "auto": exact search on the GPU with torch where one is visible, FAISS on the CPU otherwise
     #: (indexer/store/backends.py)
     backend: Literal["auto", "cpu", "torch-cuda"] = "auto"
+    # How a sealed index stores each vector, per collection (others: float32): "float16" halves the
+    # memory of the vectors, "sq8" quarters it (8-bit scalar quantisation); see docs/benchmarks.md.
+    vectors: dict[Literal["products", "posts"], Literal["float32", "float16", "sq8"]] = {}
+    # Attributes indexed for filters inside the search: keyword ones match one of some values
+    # (case-folded; true/false for booleans), numeric ones a range. Each costs 4 (keyword) or 8
+    # (numeric) bytes a row. Filters on other attributes are refused with a 400.
+    keyword_attributes: tuple[str, ...] = ("brand", "colour", "size", "gender", "in_stock")
+    numeric_attributes: tuple[str, ...] = ("price",)
+    # A filtered search scores the matching rows of a sealed segment exactly when there are at most
+    # this many, and searches the index with a selector of them otherwise.
+    filter_exact_max_rows: int = Field(20_000, ge=0)
+
+    @model_validator(mode="after")
+    def _attributes_once(self) -> ShardSettings:
+        both = set(self.keyword_attributes) & set(self.numeric_attributes)
+        if both:
+            raise ValueError(f"attributes {sorted(both)} are both keyword and numeric")
+        return self
+
+    def codec(self, collection: str) -> str:
+        """How the sealed indexes of this collection store vectors."""
+        return self.vectors.get(collection, "float32")
 
 
 class Settings(BaseModel):

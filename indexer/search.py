@@ -19,28 +19,43 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from indexer.config import ImageSettings
 from indexer.images import decode
 from indexer.pipeline import Pipeline
-from indexer.store.segments import ItemMeta
+from indexer.store.columns import compile_filter, keyword_value
 from indexer.store.shards import Hit, ShardSet
-
-#: Keeps a row when it returns True: an attribute filter applied to the nearest candidates.
-Accept = Callable[[ItemMeta], bool]
 
 
 @dataclass(frozen=True)
 class Where:
-    """Which records a search may return."""
+    """Which records a search may return: collections, a category, and conditions on indexed attributes.
+
+    ``keyword`` holds, per keyword attribute, the values one of which must
+    match; ``ranges`` per numeric attribute an inclusive [low, high]. Both are
+    applied inside the search (ShardSet.search), so k hits come back whenever
+    k records match.
+    """
 
     collections: tuple[str, ...]
     category: str | None = None
-    accept: Accept | None = None
+    keyword: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def facets(hits: list[Hit], attributes: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Per keyword attribute, how many of the hits have each value (as filters match it), most first."""
+    out = {}
+    for name in attributes:
+        counts = Counter(v for v in (keyword_value(h.attrs.get(name)) for h in hits) if v is not None)
+        out[name] = dict(counts.most_common())
+    return out
 
 
 @dataclass(frozen=True)
@@ -157,4 +172,5 @@ def similar(shards: ShardSet, collection: str, record_id: str, item: int | None,
 
 
 def _search(shards: ShardSet, vector: np.ndarray, k: int, where: Where) -> list[Hit]:
-    return shards.search(vector, k, where.collections, where.category, where.accept)
+    selected = compile_filter(shards.codes, where.keyword, where.ranges) if where.keyword or where.ranges else None
+    return shards.search(vector, k, where.collections, where.category, selected)

@@ -32,10 +32,17 @@ import faiss
 import numpy as np
 
 from indexer.config import ShardSettings
-from indexer.store.segments import ItemMeta, RowSource, Segment, built_segment
+from indexer.store.columns import Columns
+from indexer.store.segments import RowSource, Segment, built_segment
 
 #: An IVF search probes at least this many lists, however few ``ivf_nprobe_fraction`` of them makes.
 MIN_NPROBE = 8
+#: How a sealed index stores each vector (``shards.vectors``): bytes per dimension and FAISS's quantizer.
+CODECS: dict[str, tuple[float, int | None]] = {
+    "float32": (4, None),
+    "float16": (2, faiss.ScalarQuantizer.QT_fp16),
+    "sq8": (1, faiss.ScalarQuantizer.QT_8bit),
+}
 
 
 class Backend(ABC):
@@ -56,16 +63,23 @@ class Backend(ABC):
     def knn(self, segment: Segment, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Inner-product top-k over the segment's published rows, deleted ones included: (scores, rows) as in FAISS."""
 
+    def knn_selected(
+        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, settings: ShardSettings
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top-k over the rows where ``mask`` is True, inside the index; None where this segment cannot select."""
+        return None
+
     @abstractmethod
     def build_sealed(
         self,
         vectors: np.ndarray | RowSource,
         keys: np.ndarray,
-        metas: list[ItemMeta],
+        columns: Columns,
         settings: ShardSettings,
         previous: Segment | None = None,
+        codec: str = "float32",
     ) -> Segment:
-        """A sealed segment over these rows; runs in the background builder thread."""
+        """A sealed segment over these rows, storing vectors as ``codec``; runs in the background builder thread."""
 
     @abstractmethod
     def make_live(self, segment: Segment, settings: ShardSettings) -> Segment:
@@ -91,13 +105,44 @@ class FaissBackend(Backend):
             return faiss.knn(queries, segment.vectors[: segment.count], k, metric=faiss.METRIC_INNER_PRODUCT)
         return segment.index.search(queries, k, params=segment.search_params)
 
+    def knn_selected(
+        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, settings: ShardSettings
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The index searched with a selector of the matching rows (FAISS skips the others as it goes).
+
+        Fewer matching rows leave fewer candidates on the usual search path, so
+        the search widens: HNSW keeps ``efSearch / sqrt(selectivity)``
+        candidates (capped at ``MAX_EF_SEARCH``; FAISS already walks on past
+        rows the selector refuses until it holds k); IVF probes enough lists to
+        hold about ``8 k`` matching rows, and never fewer than unfiltered. When
+        it still finds fewer than k, the caller scores the matching rows exactly.
+        """
+        if segment.index is None:
+            return None
+        matching = int(mask.sum())
+        selectivity = max(matching / max(segment.count, 1), 1e-9)
+        bitmap = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+        if segment.kind == "hnsw":
+            ef = min(int(settings.hnsw_ef_search / math.sqrt(selectivity)), MAX_EF_SEARCH)
+            params = faiss.SearchParametersHNSW(efSearch=max(ef, settings.hnsw_ef_search, k), sel=selector)
+        else:
+            nlist = faiss.extract_index_ivf(segment.index).nlist
+            needed = math.ceil(8 * k * nlist / max(matching, 1))  # lists that hold ~8k matching rows, on average
+            nprobe = min(nlist, max(ivf_nprobe(nlist, settings), needed))
+            params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+        scores, rows = segment.index.search(query, k, params=params)
+        del bitmap  # the selector points into it: kept alive until here
+        return scores, rows
+
     def build_sealed(
         self,
         vectors: np.ndarray | RowSource,
         keys: np.ndarray,
-        metas: list[ItemMeta],
+        columns: Columns,
         settings: ShardSettings,
         previous: Segment | None = None,
+        codec: str = "float32",
     ) -> Segment:
         """An index over these rows: exact flat when small, HNSW when medium, IVF when large.
 
@@ -110,35 +155,52 @@ class FaissBackend(Backend):
         rows = RowSource.of(vectors)
         n, dim = len(rows), rows.dim
         if n < settings.seal_min_rows:
-            return built_segment(keys, metas, "flat", self, vectors=rows.all())
+            return built_segment(keys, columns, "flat", self, vectors=rows.all())
+        _, qtype = CODECS[codec]
+        sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, TRAIN_ROWS), replace=False))
         if n <= settings.hnsw_max_rows:
-            index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            if qtype is None:
+                index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            else:
+                index = faiss.IndexHNSWSQ(dim, qtype, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                index.train(rows.take(sample))
             index.hnsw.efConstruction = settings.hnsw_ef_construction
             for block in rows.blocks():
                 index.add(block)
             params = search_params("hnsw", index, settings)
-            return built_segment(keys, metas, "hnsw", self, index=index, search_params=params)
+            return built_segment(keys, columns, "hnsw", self, index=index, search_params=params)
         nlist = ivf_nlist(n)
         quantizer = faiss.IndexFlatIP(dim)
-        if previous is not None and previous.kind == "ivf" and previous.index.nlist >= nlist / math.sqrt(2):
-            nlist = previous.index.nlist  # trained for at least half as many rows: keep its centroids
-            quantizer.add(previous.index.quantizer.reconstruct_n(0, nlist))
+        reuse = previous is not None and previous.kind == "ivf"
+        reuse = reuse and faiss.extract_index_ivf(previous.index).nlist >= nlist / math.sqrt(2)
+        if reuse:  # trained for at least half as many rows: keep its centroids
+            old = faiss.extract_index_ivf(previous.index)
+            nlist = old.nlist
+            quantizer.add(old.quantizer.reconstruct_n(0, nlist))
+        if qtype is None:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.is_trained = True
         else:
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            sample = np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)
-            index.train(rows.take(np.sort(sample)))
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qtype, faiss.METRIC_INNER_PRODUCT)
+        if reuse and qtype is None:
+            index.is_trained = True
+        else:  # k-means unless the quantizer already holds centroids, and the scalar quantizer's ranges
+            index.train(rows.take(sample[: min(len(sample), 64 * nlist)]))
         for block in rows.blocks():
             index.add(block)
         index.make_direct_map()  # for reconstruct() when the segment is rebuilt
         params = search_params("ivf", index, settings)
-        return built_segment(keys, metas, "ivf", self, index=index, search_params=params)
+        return built_segment(keys, columns, "ivf", self, index=index, search_params=params)
 
     def make_live(self, segment: Segment, settings: ShardSettings) -> Segment:
         """Search parameters are not serialised with an index: set them again after loading."""
         params = None if segment.index is None else search_params(segment.kind, segment.index, settings)
         return replace(segment, search_params=params, mirror=None, backend=self)
+
+
+#: rows a scalar quantizer (or IVF's k-means, at most 64 per list) is trained on
+TRAIN_ROWS = 65_536
+#: the widest HNSW candidate list a filtered search keeps (``knn_selected``)
+MAX_EF_SEARCH = 4096
 
 
 def ivf_nlist(rows: int) -> int:
@@ -156,7 +218,7 @@ def search_params(kind: str, index: Any, settings: ShardSettings) -> Any:
     if kind == "hnsw":
         return faiss.SearchParametersHNSW(efSearch=settings.hnsw_ef_search)
     if kind == "ivf":
-        return faiss.SearchParametersIVF(nprobe=ivf_nprobe(index.nlist, settings))
+        return faiss.SearchParametersIVF(nprobe=ivf_nprobe(faiss.extract_index_ivf(index).nlist, settings))
     raise ValueError(f"not a FAISS index kind: {kind!r}")
 
 
@@ -205,17 +267,31 @@ class TorchCudaBackend(Backend):
         top = torch.topk(scores, k=min(k, segment.count), dim=1)
         return top.values.cpu().numpy(), top.indices.cpu().numpy()
 
+    def knn_selected(
+        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, settings: ShardSettings
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The matrix product over every row, the others' scores set to -inf before top-k."""
+        import torch
+
+        rows = segment.mirror
+        q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).to(rows.device)
+        scores = (q @ rows[: segment.count].T)[0]
+        scores[~torch.from_numpy(mask).to(rows.device)] = -math.inf
+        top = torch.topk(scores, k=min(k, int(mask.sum())))
+        return top.values.cpu().numpy()[None], top.indices.cpu().numpy()[None]
+
     def build_sealed(
         self,
         vectors: np.ndarray | RowSource,
         keys: np.ndarray,
-        metas: list[ItemMeta],
+        columns: Columns,
         settings: ShardSettings,
         previous: Segment | None = None,
+        codec: str = "float32",
     ) -> Segment:
-        """Every sealed segment is exact and flat: a matrix product on a GPU is faster than an ANN index on a CPU."""
+        """Every sealed segment is exact, flat and float32: a matrix product on a GPU beats an ANN index on a CPU."""
         flat = RowSource.of(vectors).all()
-        return built_segment(keys, metas, "flat", self, vectors=flat, mirror=self._mirror(flat, max(len(flat), 1)))
+        return built_segment(keys, columns, "flat", self, vectors=flat, mirror=self._mirror(flat, max(len(flat), 1)))
 
     def make_live(self, segment: Segment, settings: ShardSettings) -> Segment:
         """Flat rows mirrored on the device; an index's rows are reconstructed from it and the index dropped."""

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from indexer.store.columns import Columns, FilterSpec
+
 if TYPE_CHECKING:
     from indexer.store.backends import Backend
 
@@ -28,6 +30,8 @@ BLOCK_ROWS = 65_536  # rows an index build reads at a time: 320 MB at 1280-d
 
 @dataclass(frozen=True)
 class ItemMeta:
+    """One row's metadata as the API shows it: made from the columns for hits and lookups only."""
+
     collection: str
     category: str
     record_id: str
@@ -44,13 +48,15 @@ class Segment:
     kind: str  # "flat" (growing, small sealed, or sealed on a GPU), "hnsw", "ivf"
     keys: np.ndarray  # (capacity,) int64 item key of each row
     deleted_at: np.ndarray  # (capacity,) int64: sequence of the deleting batch, or NEVER
-    metas: list[ItemMeta]  # one per row (appended in place for the growing segment)
+    columns: Columns  # each row's metadata (filled in place past ``count`` for the growing segment)
     count: int  # rows published
     dead: int  # rows deleted among them, as of the view that holds this object
     vectors: np.ndarray | None = None  # flat rows (capacity, dim)
     index: Any = None  # FAISS index for hnsw / ivf
     search_params: Any = None
     mirror: Any = None  # the rows on the backend's device (torch-cuda: a tensor mirroring ``vectors``)
+    #: rows ordered by ``columns`` record hash (sealed segments): a record's rows are found by binary search
+    by_record: bool = False
     #: the backend that searches this segment (and made its ``index`` or ``mirror``)
     backend: Backend = field(kw_only=True)
 
@@ -58,8 +64,8 @@ class Segment:
     def live(self) -> int:
         return self.count - self.dead
 
-    def search(self, queries: np.ndarray, k: int, seq: int) -> list[list[tuple[float, ItemMeta]]]:
-        """Top-k rows of each query that are live at sequence ``seq``."""
+    def search(self, queries: np.ndarray, k: int, seq: int) -> list[list[tuple[float, int]]]:
+        """Top-k (score, row) of each query among the rows live at sequence ``seq``."""
         if self.count == 0:
             return [[] for _ in queries]
         scores, rows = self.backend.knn(self, queries, min(self.count, k + self.dead))
@@ -68,14 +74,39 @@ class Segment:
             found = []
             for score, row in zip(q_scores, q_rows):
                 if 0 <= row < self.count and self.deleted_at[row] > seq:
-                    found.append((score, self.metas[row]))
+                    found.append((score, row))
                     if len(found) == k:
                         break
             results.append(found)
         return results
 
+    def search_rows(self, query: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[float, int]]:
+        """Exact top-k (score, row) among these rows: few rows, or a segment without an index to select with."""
+        if not len(rows):
+            return []
+        scores = self.row_vectors(rows) @ query
+        best = np.argpartition(-scores, k - 1)[:k] if len(rows) > k else np.arange(len(rows))
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return list(zip(scores[best].tolist(), rows[best].tolist()))
+
+    def rows_of(self, hashes: np.ndarray) -> np.ndarray:
+        """Rows (live or not) of the records with these hashes: a binary search where rows are ordered by record."""
+        records = self.columns.arrays["record"][: self.count]
+        hashes = np.asarray(hashes, np.uint64)
+        if not self.by_record:
+            return np.flatnonzero(np.isin(records, hashes))
+        low = np.searchsorted(records, hashes, "left")
+        high = np.searchsorted(records, hashes, "right")
+        sizes = high - low
+        if not sizes.any():
+            return np.empty(0, np.int64)
+        return np.repeat(low - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
+
     def live_rows(self, seq: int) -> np.ndarray:
-        return np.flatnonzero(self.deleted_at[: self.count] > seq)
+        return np.flatnonzero(self.live_mask(seq))
+
+    def live_mask(self, seq: int) -> np.ndarray:
+        return self.deleted_at[: self.count] > seq
 
     @property
     def dim(self) -> int:
@@ -95,12 +126,12 @@ class Segment:
         return replace(self, count=self.count if count is None else count, dead=self.dead if dead is None else dead)
 
 
-def empty_growing(dim: int, backend: Backend, capacity: int = 256) -> Segment:
+def empty_growing(dim: int, backend: Backend, spec: FilterSpec, capacity: int = 256) -> Segment:
     return Segment(
         "flat",
         np.full(capacity, -1, np.int64),
         np.full(capacity, NEVER, np.int64),
-        [],
+        Columns.empty(spec, capacity),
         0,
         0,
         vectors=np.empty((capacity, dim), np.float32),
@@ -109,22 +140,32 @@ def empty_growing(dim: int, backend: Backend, capacity: int = 256) -> Segment:
     )
 
 
-def growing_from(
-    vectors: np.ndarray, keys: np.ndarray, metas: list[ItemMeta], capacity: int, backend: Backend
-) -> Segment:
+def growing_from(vectors: np.ndarray, keys: np.ndarray, columns: Columns, capacity: int, backend: Backend) -> Segment:
+    """A growing segment of room for ``capacity`` rows holding these (``columns`` has exactly their rows)."""
     n, dim = vectors.shape
-    segment = empty_growing(dim, backend, max(capacity, n, 256))
+    capacity = max(capacity, n, 256)
+    grown = columns.take(np.arange(n), capacity) if columns.capacity < capacity else columns
+    segment = Segment(
+        "flat",
+        np.full(capacity, -1, np.int64),
+        np.full(capacity, NEVER, np.int64),
+        grown,
+        n,
+        0,
+        vectors=np.empty((capacity, dim), np.float32),
+        mirror=backend.allocate(capacity, dim),
+        backend=backend,
+    )
     segment.vectors[:n] = vectors
     segment.keys[:n] = keys
-    segment.metas.extend(metas)
     backend.write(segment.mirror, 0, vectors)
-    return segment.with_counts(count=n)
+    return segment
 
 
-def built_segment(keys: np.ndarray, metas: list[ItemMeta], kind: str, backend: Backend, **rows: Any) -> Segment:
+def built_segment(keys: np.ndarray, columns: Columns, kind: str, backend: Backend, **rows: Any) -> Segment:
     """A newly built segment: every row live, holding copies of the keys and metadata it was built from."""
     n = len(keys)
-    return Segment(kind, keys.copy(), np.full(n, NEVER, np.int64), list(metas), n, 0, backend=backend, **rows)
+    return Segment(kind, keys.copy(), np.full(n, NEVER, np.int64), columns, n, 0, backend=backend, **rows)
 
 
 @dataclass(frozen=True)
@@ -139,6 +180,11 @@ class RowSource:
     #: (reader, rows): ``reader(rows, out)`` fills ``out`` with the vectors of those rows
     parts: tuple[tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], np.ndarray], ...]
     dim: int
+    #: position ``i`` of this source is position ``order[i]`` of the parts (a sealed segment's record order)
+    order: np.ndarray | None = None
+
+    def ordered(self, order: np.ndarray) -> RowSource:
+        return replace(self, order=order)
 
     @classmethod
     def of_segments(cls, parts: list[tuple[Segment, np.ndarray]], dim: int) -> RowSource:
@@ -161,7 +207,16 @@ class RowSource:
         return sum(len(rows) for _, rows in self.parts)
 
     def take(self, positions: np.ndarray) -> np.ndarray:
-        """The vectors at these ascending positions of all rows, in one new array."""
+        """The vectors at these ascending positions, in one new array."""
+        if self.order is None:
+            return self._take_sorted(positions)
+        wanted = self.order[positions]
+        by_part = np.argsort(wanted, kind="stable")
+        out = np.empty((len(positions), self.dim), np.float32)
+        out[by_part] = self._take_sorted(wanted[by_part])
+        return out
+
+    def _take_sorted(self, positions: np.ndarray) -> np.ndarray:
         out = np.empty((len(positions), self.dim), np.float32)
         start = done = 0
         for read, rows in self.parts:

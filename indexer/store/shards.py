@@ -19,10 +19,13 @@ each search sees one consistent moment of the whole shard set:
   a fresh growing segment. Deleted rows are not copied, so a rebuild reclaims
   their memory.
 
-Item keys come from one counter and only grow, so within a segment they are
-ascending and every growing key is above every sealed one: the writer finds a
-key's row with a binary search, and installs a rebuild with array operations,
-never a Python loop over all rows (which would hold the GIL and stall queries).
+A row's metadata is in columns (columns.py), with no Python object per row. A
+record's rows are found by the 64-bit hash of (collection, id) in its
+collection's shards: a binary search in a sealed segment (its rows are ordered
+by record hash), a vectorised scan of the small growing one. Item keys come
+from one counter and only grow, so every growing key is above every sealed
+one: a rebuild is installed with array operations, never a Python loop over
+all rows (which would hold the GIL and stall queries).
 
 So an upsert that moves a record to another category, rewrites it in place, or
 lands while its shard is being rebuilt, is never missing from, nor doubled in,
@@ -35,15 +38,13 @@ import contextlib
 import ctypes
 import itertools
 import logging
-import operator
 import os
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import faiss
@@ -51,14 +52,13 @@ import numpy as np
 
 from indexer.config import ShardSettings
 from indexer.store.backends import Backend, FaissBackend
+from indexer.store.columns import Codes, Columns, Filter, FilterSpec, record_hash
 from indexer.store.records import Delete, Upsert
 from indexer.store.segments import NEVER, ItemMeta, RowSource, Segment, empty_growing, growing_from
 
 log = logging.getLogger(__name__)
 
 ShardKey = tuple[str, str]  # (collection, category)
-#: How many more candidates a filtered search fetches than it returns.
-FILTER_FETCH = 8
 RECENT = 200
 #: Compact the growing segment once this many of its rows are deleted (and a sixteenth of it).
 _COMPACT_AFTER = 1024
@@ -95,26 +95,38 @@ class View:
 
     seq: int
     shards: dict[ShardKey, ShardState]
+    #: labels and keyword values by code (append-only: they decode every code of any earlier view)
+    codes: Codes
 
 
 class Shard:
-    """The writer's side of one shard: where each item's row is, and the current segments."""
+    """The writer's side of one shard: its current segments, and the build that will replace them."""
 
     def __init__(
-        self, dim: int, sealed: Segment | None = None, growing: Segment | None = None, backend: Backend | None = None
+        self,
+        dim: int,
+        sealed: Segment | None = None,
+        growing: Segment | None = None,
+        backend: Backend | None = None,
+        spec: FilterSpec | None = None,
+        codec: str = "float32",
     ) -> None:
         self.dim = dim
         self.backend = backend or FaissBackend()
+        self.spec = spec or FilterSpec()
+        self.codec = codec  # how a sealed index stores vectors (``shards.vectors``)
         self.sealed = sealed
-        self.growing = growing or empty_growing(dim, self.backend)
+        self.growing = growing or empty_growing(dim, self.backend, self.spec)
         self.building: Future | None = None
-        self._deleted_while_building: list[np.ndarray] = []  # item keys removed since the running build began
+        #: (record hash, id) of records whose rows were removed since the running build began
+        self._deleted_while_building: list[tuple[np.ndarray, list[str]]] = []
 
     @property
     def state(self) -> ShardState:
         return ShardState(self.sealed, self.growing)
 
-    def append(self, keys: list[int], vectors: np.ndarray, metas: list[ItemMeta]) -> None:
+    def append(self, keys: list[int], vectors: np.ndarray, columns: Columns) -> None:
+        """Add rows (``columns`` holds exactly them) past the growing segment's count, then publish the count."""
         g = self.growing
         n = len(keys)
         if g.count + n > len(g.keys):
@@ -122,41 +134,32 @@ class Shard:
         g.vectors[g.count : g.count + n] = vectors
         self.backend.write(g.mirror, g.count, vectors)
         g.keys[g.count : g.count + n] = keys
-        g.metas.extend(metas)
+        g.columns.write(g.count, columns, n)
         self.growing = g.with_counts(count=g.count + n)
 
-    def remove(self, keys: list[int], seq: int) -> None:
-        keys = np.asarray(keys, np.int64)
+    def remove(self, hashes: np.ndarray, ids: list[str], seq: int) -> set[int]:
+        """Mark the live rows of these records (hash and id) deleted at ``seq``; return the hashes found."""
         if self.building is not None:
-            self._deleted_while_building.append(keys)
+            self._deleted_while_building.append((hashes, ids))
+        found: set[int] = set()
         sealed = self.sealed
-        if sealed is None or sealed.count == 0:
-            in_sealed = np.zeros(len(keys), bool)
-        else:  # every growing key is above every sealed one
-            in_sealed = keys <= sealed.keys[sealed.count - 1]
-        dead_sealed = self._mark_deleted(sealed, keys[in_sealed], seq) if in_sealed.any() else 0
-        dead_growing = self._mark_deleted(self.growing, keys[~in_sealed], seq) if not in_sealed.all() else 0
-        if dead_sealed:
-            self.sealed = self.sealed.with_counts(dead=self.sealed.dead + dead_sealed)
-        if dead_growing:
-            self.growing = self.growing.with_counts(dead=self.growing.dead + dead_growing)
+        if sealed is not None and sealed.count:
+            dead = _mark_deleted(sealed, hashes, ids, seq, found)
+            if dead:
+                self.sealed = sealed.with_counts(dead=sealed.dead + dead)
+        dead = _mark_deleted(self.growing, hashes, ids, seq, found)
+        if dead:
+            self.growing = self.growing.with_counts(dead=self.growing.dead + dead)
             if self.growing.dead >= max(_COMPACT_AFTER, self.growing.count // 16):
                 self.growing = self._compacted_growing(capacity=max(256, 2 * self.growing.live))
-
-    @staticmethod
-    def _mark_deleted(segment: Segment, keys: np.ndarray, seq: int) -> int:
-        """Mark the rows of these live keys deleted at ``seq`` (keys are ascending within a segment)."""
-        rows = np.searchsorted(segment.keys[: segment.count], keys)
-        if segment.count == 0 or not np.array_equal(segment.keys[np.minimum(rows, segment.count - 1)], keys):
-            raise KeyError(f"keys not in this segment: {sorted(set(keys.tolist()) - set(segment.keys.tolist()))}")
-        segment.deleted_at[rows] = seq
-        return len(rows)
+        return found
 
     def _compacted_growing(self, capacity: int) -> Segment:
         """The live rows of the growing segment in new arrays; readers of the old ones are unaffected."""
         g = self.growing
         live = g.live_rows(NEVER - 1)
-        return growing_from(g.vectors[live], g.keys[live], _take(g.metas, live), capacity, self.backend)
+        capacity = max(capacity, len(live), 256)
+        return growing_from(g.vectors[live], g.keys[live], g.columns.take(live, capacity), capacity, self.backend)
 
     def needs_rebuild(self, settings: ShardSettings) -> bool:
         """Seal once the shard is big enough for an index; rebuild when the growing part or the dead rows pile up."""
@@ -168,7 +171,7 @@ class Shard:
         return sealed.dead >= max(settings.rebuild_min_dead, settings.rebuild_dead_fraction * sealed.count)
 
     def start_build(self, builder: ThreadPoolExecutor, seq: int, settings: ShardSettings) -> None:
-        self.building = builder.submit(build_from_state, self.state, seq, settings, self.backend)
+        self.building = builder.submit(build_from_state, self.state, seq, settings, self.backend, self.codec)
         self._deleted_while_building = []
 
     def install(self, built: Segment, seq: int) -> None:
@@ -176,24 +179,38 @@ class Shard:
 
         Runs on the writer thread, so it uses array operations only: a Python
         loop over every row would hold the GIL long enough to stall queries.
-        Item keys only ever grow, so the built segment holds exactly the keys up
-        to its last one that were live when the build started.
+        Item keys only ever grow, so the rows appended since the build began
+        are the growing rows with keys above the built segment's largest.
         """
-        keys = built.keys[: built.count]
-        if self._deleted_while_building:  # ...are deleted in the built segment too
-            gone = np.concatenate(self._deleted_while_building)
-            rows = np.searchsorted(keys, gone)
-            held = rows < len(keys)
-            held[held] = keys[rows[held]] == gone[held]
-            built.deleted_at[rows[held]] = seq
-            self._deleted_while_building = []
+        for hashes, ids in self._deleted_while_building:  # ...are deleted in the built segment too
+            _mark_deleted(built, hashes, ids, seq, set())
+        self._deleted_while_building = []
         built = built.with_counts(dead=int((built.deleted_at[: built.count] != NEVER).sum()))
         g = self.growing
         rest = g.live_rows(NEVER - 1)
         if built.count:
-            rest = rest[g.keys[rest] > keys[-1]]  # appended after the build started
-        growing = growing_from(g.vectors[rest], g.keys[rest], _take(g.metas, rest), 256, self.backend)
+            rest = rest[g.keys[rest] > built.keys[: built.count].max()]  # appended after the build started
+        capacity = max(256, len(rest))
+        growing = growing_from(g.vectors[rest], g.keys[rest], g.columns.take(rest, capacity), capacity, self.backend)
         self.sealed, self.growing, self.building = built, growing, None
+
+
+def _mark_deleted(segment: Segment, hashes: np.ndarray, ids: list[str], seq: int, found: set[int]) -> int:
+    """Mark the not yet deleted rows of these records deleted at ``seq``; add the hashes found to ``found``.
+
+    A row counts only if its record id is the one asked for: two ids whose
+    64-bit hashes collide stay apart (each blob checked is one removed row).
+    """
+    rows = segment.rows_of(hashes)
+    rows = rows[segment.deleted_at[rows] == NEVER]
+    if not len(rows):
+        return 0
+    wanted = dict(zip(hashes.tolist(), ids))
+    records = segment.columns.arrays["record"]
+    mine = [r for r in rows.tolist() if segment.columns.blob(r)[0] == wanted[int(records[r])]]
+    segment.deleted_at[mine] = seq
+    found.update(int(records[r]) for r in mine)
+    return len(mine)
 
 
 def _leave_a_core_for_queries() -> None:
@@ -226,15 +243,6 @@ def one_openmp_thread():
         faiss.omp_set_num_threads(before)
 
 
-def _take(items: list, rows: np.ndarray) -> list:
-    """``[items[r] for r in rows]`` without a Python-level loop."""
-    if len(rows) == 0:
-        return []
-    if len(rows) == 1:
-        return [items[int(rows[0])]]
-    return list(operator.itemgetter(*rows.tolist())(items))
-
-
 #: glibc's mallopt(3) parameter: the size from which malloc maps a block of its own
 M_MMAP_THRESHOLD = -3
 #: 32 MiB: the ceiling glibc's moving threshold reaches anyway (on 64-bit)
@@ -265,70 +273,42 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _best_per_record(candidates: list[tuple[float, ItemMeta]], k: int) -> list[Hit]:
-    """The k best records, each with its best-scoring item: a record is one hit."""
-    candidates.sort(key=lambda c: -c[0])
-    hits: dict[tuple[str, str], Hit] = {}
-    for score, meta in candidates:
-        record = (meta.collection, meta.record_id)
-        if record not in hits:
-            hits[record] = Hit(meta.record_id, score, meta.collection, meta.category, meta.item, meta.box, meta.attrs)
-            if len(hits) == k:
-                break
-    return list(hits.values())
+#: a candidate: score, the shard it came from, its segment, and its row there
+Candidate = tuple[float, ShardKey, Segment, int]
 
 
-def _exact_filtered(
-    states: list[ShardState], query: np.ndarray, seq: int, accept: Callable[[ItemMeta], bool], k: int
-) -> list[tuple[float, ItemMeta]]:
-    """Exact scores of the live rows that pass ``accept``: the best ``FILTER_FETCH * k`` of each segment."""
-    candidates: list[tuple[float, ItemMeta]] = []
-    for state in states:
-        for segment in state.segments:
-            rows = np.array([r for r in segment.live_rows(seq).tolist() if accept(segment.metas[r])], np.int64)
-            if not len(rows):
-                continue
-            scores = segment.row_vectors(rows) @ query
-            best = np.argsort(-scores)[: FILTER_FETCH * k]
-            candidates.extend((float(scores[j]), segment.metas[rows[j]]) for j in best.tolist())
-    return candidates
-
-
-def _row_of(state: ShardState, key: int, seq: int) -> tuple[Segment, int] | None:
-    """The segment and row of a live item key at ``seq`` (keys ascend within a segment)."""
-    for segment in (state.sealed, state.growing):
-        if segment is None or segment.count == 0:
-            continue
-        row = int(np.searchsorted(segment.keys[: segment.count], key))
-        if row < segment.count and segment.keys[row] == key and segment.deleted_at[row] > seq:
-            return segment, row
-    return None
-
-
-def build_from_state(state: ShardState, seq: int, settings: ShardSettings, backend: Backend) -> Segment:
-    """Background job: a sealed segment over every row of ``state`` live at ``seq``."""
+def build_from_state(
+    state: ShardState, seq: int, settings: ShardSettings, backend: Backend, codec: str = "float32"
+) -> Segment:
+    """Background job: a sealed segment over every row of ``state`` live at ``seq``, its rows ordered by record."""
     live = [(segment, segment.live_rows(seq)) for segment in state.segments]
     keys = np.concatenate([segment.keys[rows] for segment, rows in live])
-    metas = list(itertools.chain.from_iterable(_take(segment.metas, rows) for segment, rows in live))
-    rows = RowSource.of_segments(live, state.segments[0].dim)
-    return backend.build_sealed(rows, keys, metas, settings, previous=state.sealed)
+    columns = Columns.concat([segment.columns.take(rows) for segment, rows in live], [len(r) for _, r in live])
+    order = np.argsort(columns.arrays["record"], kind="stable")
+    rows = RowSource.of_segments(live, state.segments[0].dim).ordered(order)
+    built = backend.build_sealed(rows, keys[order], columns.take(order), settings, previous=state.sealed, codec=codec)
+    return replace(built, by_record=True)
 
 
 class ShardSet:
     """All shards of a node: routes upserts and deletes, merges search results, schedules rebuilds."""
 
-    def __init__(self, dim: int, settings: ShardSettings | None = None, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        settings: ShardSettings | None = None,
+        backend: Backend | None = None,
+        codes: Codes | None = None,
+    ) -> None:
         """``backend``: the node's is ``backends.choose(settings.backend)``; without one, FAISS on the CPU."""
         self.dim = dim
         self.settings = settings or ShardSettings()
         #: builds, holds and searches every segment of every shard (indexer/store/backends.py)
         self.backend = backend or FaissBackend()
+        #: labels and keyword values by code, and which attributes are indexed for filters
+        self.codes = codes or Codes(FilterSpec(self.settings.keyword_attributes, self.settings.numeric_attributes))
         self._shards: dict[ShardKey, Shard] = {}  # writer-only
-        #: record -> where its items are; only the writer changes it (readers only get(): record_vectors)
-        self._records: dict[tuple[str, str], list[tuple[ShardKey, int]]] = {}
         self._record_counts: dict[str, int] = {}
-        #: (collection, id) -> the record's items; replaced whole, so readers may look up without a lock
-        self._record_items: dict[tuple[str, str], tuple[ItemMeta, ...]] = {}
         #: the most recently upserted records, newest last (the web page's "recently indexed")
         self._recent: deque[tuple[str, str]] = deque(maxlen=RECENT)
         self._keys = itertools.count()
@@ -336,7 +316,7 @@ class ShardSet:
         self._builder = ThreadPoolExecutor(1, "lookstream-shard-build", initializer=_leave_a_core_for_queries)
         self.rebuilds = 0
         fix_malloc_thresholds()
-        self.view = View(0, {})
+        self.view = View(0, {}, self.codes)
 
     @classmethod
     def restore(
@@ -345,74 +325,82 @@ class ShardSet:
         settings: ShardSettings,
         states: dict[ShardKey, tuple[Segment | None, Segment]],
         seq: int,
+        codes: Codes,
         backend: Backend | None = None,
     ) -> ShardSet:
-        """Rebuild the writer's bookkeeping around segments loaded from a checkpoint, live on ``backend``.
+        """The shard set of segments loaded from a checkpoint, live on ``backend``: array operations only.
 
-        The loaded segments' ``keys`` are placeholders; fresh item keys are given here.
+        Item keys are kept as written; new ones continue above the largest.
+        Record counts are the distinct record hashes of live rows (the rows of
+        one record are in one collection's shards).
         """
-        shards = cls(dim, settings, backend)
+        shards = cls(dim, settings, backend, codes)
         backend = shards.backend
+        top = -1
+        live_hashes: dict[str, list[np.ndarray]] = {}
         for shard_key, (sealed, growing) in states.items():
             for segment in (sealed, growing):
-                if segment is None:
+                if segment is None or segment.count == 0:
                     continue
-                for row in range(segment.count):
-                    key = next(shards._keys)
-                    segment.keys[row] = key
-                    if segment.deleted_at[row] == NEVER:
-                        meta = segment.metas[row]
-                        record = (meta.collection, meta.record_id)
-                        if record not in shards._records:
-                            shards._records[record] = []
-                            shards._record_counts[meta.collection] = shards._record_counts.get(meta.collection, 0) + 1
-                        shards._records[record].append((shard_key, key))
-                        shards._record_items[record] = (*shards._record_items.get(record, ()), meta)
+                top = max(top, int(segment.keys[: segment.count].max()))
+                live = segment.live_rows(NEVER - 1)
+                live_hashes.setdefault(shard_key[0], []).append(segment.columns.arrays["record"][live])
             sealed = None if sealed is None else backend.make_live(sealed, settings)
-            shards._shards[shard_key] = Shard(dim, sealed, backend.make_live(growing, settings), backend)
+            shards._shards[shard_key] = Shard(
+                dim, sealed, backend.make_live(growing, settings), backend, codes.spec, settings.codec(shard_key[0])
+            )
+        shards._keys = itertools.count(top + 1)
+        for collection, parts in live_hashes.items():
+            shards._record_counts[collection] = len(np.unique(np.concatenate(parts)))
         shards._publish(seq)
         return shards
 
     def apply(self, ops: list[Upsert | Delete]) -> None:
-        """Apply a batch in order (later operations on a record win) and publish it at once."""
+        """Apply a batch in order (the last operation on a record wins) and publish it at once.
+
+        First every touched record's current rows are marked deleted, found by
+        record hash in each shard of its collection; then the upserted items are
+        appended. An upsert in which no garment was found has nothing to search
+        and leaves no record behind, as a delete does.
+        """
         with self._write_lock:
             seq = self.view.seq + 1
             self._install_finished(seq)
-            appends: dict[ShardKey, tuple[list[int], list[np.ndarray], list[ItemMeta]]] = {}
-            stale: dict[ShardKey, list[int]] = {}
+            last: dict[tuple[str, str], Upsert | Delete] = {}
             for op in ops:
-                record = (op.collection, op.record_id)
-                previous = self._records.pop(record, None)
-                if previous is not None:
-                    self._record_counts[op.collection] -= 1
-                    for shard_key, key in previous:
-                        stale.setdefault(shard_key, []).append(key)
-                if isinstance(op, Delete):
-                    self._record_items.pop(record, None)
+                last.pop((op.collection, op.record_id), None)
+                last[(op.collection, op.record_id)] = op
+            touched: dict[str, tuple[list[int], list[str]]] = {}
+            for collection, record_id in last:
+                hashes, ids = touched.setdefault(collection, ([], []))
+                hashes.append(record_hash(collection, record_id))
+                ids.append(record_id)
+            existed: dict[str, set[int]] = {}
+            for (collection, _), shard in self._shards.items():
+                if collection in touched:
+                    hashes, ids = touched[collection]
+                    found = shard.remove(np.array(hashes, np.uint64), ids, seq)
+                    existed.setdefault(collection, set()).update(found)
+            rows: dict[ShardKey, list[tuple]] = {}
+            vectors: dict[ShardKey, list[np.ndarray]] = {}
+            for (collection, record_id), op in last.items():
+                was = record_hash(collection, record_id) in existed.get(collection, ())
+                now = isinstance(op, Upsert) and bool(op.items)
+                self._record_counts[collection] = self._record_counts.get(collection, 0) + now - was
+                if not now:
                     continue
-                placed, record_metas = [], []
+                self._recent.append((collection, record_id))
                 for position, item in enumerate(op.items):
-                    shard_key, key = (op.collection, item.category), next(self._keys)
-                    keys, vectors, metas = appends.setdefault(shard_key, ([], [], []))
-                    keys.append(key)
-                    vectors.append(item.vector)
-                    meta = ItemMeta(
-                        op.collection, item.category, op.record_id, position,
-                        item.box, item.label, item.score, op.ts, op.attrs,
-                    )  # fmt: skip
-                    metas.append(meta)
-                    record_metas.append(meta)
-                    placed.append((shard_key, key))
-                self._records[record] = placed
-                self._record_items[record] = tuple(record_metas)
-                self._recent.append(record)
-                self._record_counts[op.collection] = self._record_counts.get(op.collection, 0) + 1
-            for shard_key, (keys, vectors, metas) in appends.items():
+                    shard_key = (collection, item.category)
+                    rows.setdefault(shard_key, []).append((collection, record_id, op.ts, item, position, op.attrs))
+                    vectors.setdefault(shard_key, []).append(item.vector)
+            for shard_key, new in rows.items():
                 if shard_key not in self._shards:
-                    self._shards[shard_key] = Shard(self.dim, backend=self.backend)
-                self._shards[shard_key].append(keys, np.stack(vectors), metas)
-            for shard_key, keys in stale.items():
-                self._shards[shard_key].remove(keys, seq)
+                    self._shards[shard_key] = Shard(
+                        self.dim, backend=self.backend, spec=self.codes.spec, codec=self.settings.codec(shard_key[0])
+                    )
+                keys = [next(self._keys) for _ in new]
+                self._shards[shard_key].append(keys, np.stack(vectors[shard_key]), Columns.of_items(self.codes, new))
             self._publish(seq)
             self._schedule_rebuilds(seq)
 
@@ -443,7 +431,7 @@ class ShardSet:
             self._schedule_rebuilds(seq)
 
     def _publish(self, seq: int) -> None:
-        self.view = View(seq, {key: shard.state for key, shard in self._shards.items()})
+        self.view = View(seq, {key: shard.state for key, shard in self._shards.items()}, self.codes)
 
     def _schedule_rebuilds(self, seq: int) -> None:
         for key, shard in self._shards.items():
@@ -485,47 +473,96 @@ class ShardSet:
         k: int,
         collection: str | tuple[str, ...],
         category: str | None = None,
-        accept: Callable[[ItemMeta], bool] | None = None,
+        where: Filter | None = None,
     ) -> list[Hit]:
         """Top-k records by their best-matching item across the selected shards.
 
-        ``accept`` filters items by their metadata (brand, price, ...). The
-        nearest-neighbour search first fetches ``FILTER_FETCH`` times more
-        candidates and filters them; when that leaves fewer than k records (a
-        selective filter), the selected shards' live rows that pass the filter
-        are searched exactly instead, so that k hits come back whenever k
-        matching records exist (the exact pass reads every row's metadata:
-        its cost grows with the shard, not with k).
+        ``where`` keeps only the rows whose indexed attributes match (brand,
+        price, ...), inside the search: each segment's matching live rows are
+        found from its filter columns, then searched exactly when they are few
+        (``shards.filter_exact_max_rows``, as Qdrant plans a filtered query) and
+        through the index with a selector of them otherwise. So k hits come
+        back whenever k matching records exist, however selective the filter.
         """
         view = self.view
         collections = (collection,) if isinstance(collection, str) else collection
         query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
-        # More than k: one record may hold several matching items, and a filter drops some.
-        fetch = k * (FILTER_FETCH if accept is not None else 2)
-        selected = [
-            state
-            for (coll, cat), state in view.shards.items()
-            if coll in collections and (category is None or cat == category)
-        ]
-        candidates: list[tuple[float, ItemMeta]] = []
+        fetch = 2 * k  # more than k: one record may hold several matching items
+        candidates: list[Candidate] = []
         with one_openmp_thread():
-            for state in selected:
+            for shard_key, state in view.shards.items():
+                if shard_key[0] not in collections or (category is not None and shard_key[1] != category):
+                    continue
                 for segment in state.segments:
-                    found = segment.search(query, fetch, view.seq)[0]
-                    candidates.extend(found if accept is None else (c for c in found if accept(c[1])))
-        hits = _best_per_record(candidates, k)
-        if accept is not None and len(hits) < k and any(s.count > fetch for st in selected for s in st.segments):
-            # Some rows were never candidates: score every row that passes the filter.
-            hits = _best_per_record(_exact_filtered(selected, query[0], view.seq, accept, k), k)
-        return hits
+                    if where is None:
+                        found = segment.search(query, fetch, view.seq)[0]
+                    else:
+                        found = self._search_filtered(segment, query, fetch, view.seq, where)
+                    candidates.extend((score, shard_key, segment, row) for score, row in found)
+        return self._best_per_record(candidates, k)
+
+    def _search_filtered(
+        self, segment: Segment, query: np.ndarray, k: int, seq: int, where: Filter
+    ) -> list[tuple[float, int]]:
+        mask = segment.live_mask(seq) & segment.columns.match(where, segment.count)
+        matching = int(mask.sum())
+        if matching == 0:
+            return []
+        wanted = min(k, matching)
+        if segment.index is None or matching > self.settings.filter_exact_max_rows:
+            got = self.backend.knn_selected(segment, query, wanted, mask, self.settings)
+            if got is not None:
+                found = [(s, r) for s, r in zip(got[0][0].tolist(), got[1][0].tolist()) if r >= 0]
+                if len(found) >= wanted:
+                    return found
+                # the graph ran out of matching neighbours: fall through to the exact pass
+        return segment.search_rows(query[0], np.flatnonzero(mask), wanted)
+
+    def _best_per_record(self, candidates: list[Candidate], k: int) -> list[Hit]:
+        """The k best records, each with its best-scoring item: a record is one hit."""
+        candidates.sort(key=lambda c: -c[0])
+        hits: dict[tuple[str, int], Hit] = {}
+        for score, (collection, category), segment, row in candidates:
+            record = (collection, int(segment.columns.arrays["record"][row]))
+            if record not in hits:
+                meta = self._meta(collection, category, segment, row)
+                hits[record] = Hit(meta.record_id, score, collection, category, meta.item, meta.box, meta.attrs)
+                if len(hits) == k:
+                    break
+        return list(hits.values())
+
+    def _meta(self, collection: str, category: str, segment: Segment, row: int) -> ItemMeta:
+        """One row's metadata as an object: for the hits and records a reader returns, never per candidate."""
+        a = segment.columns.arrays
+        record_id, attrs = segment.columns.blob(row)
+        label = int(a["label"][row])
+        return ItemMeta(
+            collection, category, record_id, int(a["item"][row]), tuple(a["box"][row].tolist()),
+            None if label < 0 else self.codes.labels.words[label], float(a["score"][row]), int(a["ts"][row]), attrs,
+        )  # fmt: skip
+
+    def _record_rows(self, collection: str, record_id: str, view: View) -> list[tuple[ItemMeta, Segment, int]]:
+        """The live rows of one record in ``view``, by item position."""
+        h = np.array([record_hash(collection, record_id)], np.uint64)
+        found = []
+        for (coll, category), state in view.shards.items():
+            if coll != collection:
+                continue
+            for segment in state.segments:
+                for row in segment.rows_of(h).tolist():
+                    if segment.deleted_at[row] > view.seq and segment.columns.blob(row)[0] == record_id:
+                        found.append((self._meta(coll, category, segment, row), segment, row))
+        return sorted(found, key=lambda f: f[0].item)
 
     def recent(self, limit: int) -> list[tuple[ItemMeta, ...]]:
         """Up to ``limit`` recently upserted records that are still indexed, newest first."""
         out, seen = [], set()
         for record in reversed(list(self._recent)):
-            items = self._record_items.get(record)
-            if items and record not in seen:
-                seen.add(record)
+            if record in seen:
+                continue
+            seen.add(record)
+            items = self.record(*record)
+            if items:
                 out.append(items)
                 if len(out) == limit:
                     break
@@ -533,28 +570,13 @@ class ShardSet:
 
     def record(self, collection: str, record_id: str) -> tuple[ItemMeta, ...] | None:
         """The items of one record as last applied, or None if it is not indexed."""
-        return self._record_items.get((collection, record_id))
+        rows = self._record_rows(collection, record_id, self.view)
+        return tuple(meta for meta, _, _ in rows) or None
 
     def record_vectors(self, collection: str, record_id: str) -> list[tuple[ItemMeta, np.ndarray]] | None:
-        """The stored vector of each item of a record in the current view, or None if it is not indexed.
-
-        Readers may call it: the record's keys are looked up in one published
-        view (a record rewritten meanwhile is answered as that view holds it,
-        or as not indexed).
-        """
-        placed = self._records.get((collection, record_id))
-        if placed is None:
-            return None
-        view = self.view
-        found = []
-        for shard_key, key in placed:
-            state = view.shards.get(shard_key)
-            hit = None if state is None else _row_of(state, key, view.seq)
-            if hit is None:
-                return None
-            segment, row = hit
-            found.append((segment.metas[row], segment.row_vectors(np.array([row]))[0]))
-        return found
+        """The stored vector of each item of a record in the current view, or None if it is not indexed."""
+        rows = self._record_rows(collection, record_id, self.view)
+        return [(meta, segment.row_vectors(np.array([row]))[0]) for meta, segment, row in rows] or None
 
     def records(self, collection: str) -> int:
         return self._record_counts.get(collection, 0)
@@ -568,6 +590,7 @@ class ShardSet:
                 "sealed": None if state.sealed is None else state.sealed.kind,
                 "sealed_rows": 0 if state.sealed is None else state.sealed.live,
                 "growing_rows": state.growing.live,
+                "metadata_bytes": sum(s.columns.nbytes(s.count) + 16 * s.count for s in state.segments),
             }
             for (coll, cat), state in sorted(self.view.shards.items())
         ]

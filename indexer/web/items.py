@@ -5,12 +5,13 @@ from __future__ import annotations
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
+from multidict import MultiDict
 
 from indexer import search as query_flow
 from indexer.web.errors import error, json_body
 from indexer.web.keys import NODE, WORKERS
 from indexer.web.params import SearchParams, collection, number
-from indexer.web.search import hit_json
+from indexer.web.search import facets_json, hit_json
 
 
 def thumbnail_url(collection_name: str, record_id: str) -> str:
@@ -44,9 +45,9 @@ async def similar(request: web.Request) -> web.Response:
     """More like this: records near one of this record's stored items, without uploading an image."""
     node = request.app[NODE]
     name, record_id = collection(request), request.match_info["id"]
-    params = dict(request.query)
+    params = MultiDict(request.query)
     params["collection"] = params.pop("within", name)
-    search = SearchParams.parse(params, node.settings.api)
+    search = SearchParams.parse(params, node.settings.api, node.settings.shards)
     item = number(params, "item", int, None, 0, 10_000)
     try:
         hits = await request.app[WORKERS].run_search(
@@ -54,7 +55,7 @@ async def similar(request: web.Request) -> web.Response:
         )
     except query_flow.NotIndexed as e:
         raise error(web.HTTPNotFound, str(e)) from e
-    return json_body({"hits": [hit_json(h) for h in hits]})
+    return json_body({"hits": [hit_json(h) for h in hits], **facets_json(hits, search)})
 
 
 async def recent(request: web.Request) -> web.Response:

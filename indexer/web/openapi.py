@@ -35,6 +35,35 @@ def _errors(*codes: int) -> dict[str, Schema]:
     return {str(code): _json(_ref("Error"), text[code]) for code in codes}
 
 
+_KEYWORD: Schema = {"type": ["string", "number", "boolean"]}
+
+
+def _filter_params(settings: Settings) -> list[Schema]:
+    """A query parameter per indexed attribute (``shards.keyword_attributes`` / ``numeric_attributes``)."""
+    keyword = [
+        {
+            "name": name,
+            "in": "query",
+            "schema": {"type": "array", "items": {"type": "string"}},
+            "style": "form",
+            "explode": True,
+            "description": f"attrs.{name} is one of these values (case-folded; true/false for booleans)",
+        }
+        for name in settings.shards.keyword_attributes
+    ]
+    numeric = [
+        {
+            "name": f"{name}_{end}",
+            "in": "query",
+            "schema": {"type": "number"},
+            "description": f"attrs.{name} {'at least' if end == 'min' else 'at most'} this",
+        }
+        for name in settings.shards.numeric_attributes
+        for end in ("min", "max")
+    ]
+    return keyword + numeric
+
+
 def document(settings: Settings) -> Schema:
     api = settings.api
     box = {
@@ -56,9 +85,13 @@ def document(settings: Settings) -> Schema:
             "schema": {"type": "string", "enum": ["products", "posts", "both"], "default": "products"},
         },
         {"name": "category", "in": "query", "schema": {"type": "string"}},
-        {"name": "brand", "in": "query", "schema": {"type": "string"}, "description": "attrs.brand, any case"},
-        {"name": "price_min", "in": "query", "schema": {"type": "number", "minimum": 0}},
-        {"name": "price_max", "in": "query", "schema": {"type": "number", "minimum": 0}},
+        *_filter_params(settings),
+        {
+            "name": "facets",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "comma-separated keyword attributes: counts of their values over the hits",
+        },
     ]
     collection_param = {
         "name": "collection",
@@ -106,6 +139,7 @@ def document(settings: Settings) -> Schema:
                     },
                 },
                 "hits": {"type": "array", "items": _ref("Hit"), "description": "for the whole image"},
+                "facets": _ref("Facets"),
                 "timings_ms": {
                     "type": "object",
                     "required": ["decode", "detect", "encode", "search", "total"],
@@ -121,9 +155,19 @@ def document(settings: Settings) -> Schema:
                 "k": {"type": "integer", "minimum": 1, "maximum": api.max_k},
                 "collection": {"type": "string", "enum": ["products", "posts", "both"]},
                 "category": {"type": "string"},
-                "brand": {"type": "string"},
-                "price_min": {"type": "number", "minimum": 0},
-                "price_max": {"type": "number", "minimum": 0},
+                **{
+                    name: {"oneOf": [_KEYWORD, {"type": "array", "items": _KEYWORD, "minItems": 1, "maxItems": 100}]}
+                    for name in settings.shards.keyword_attributes
+                },
+                **{
+                    f"{name}_{end}": {"type": "number"}
+                    for name in settings.shards.numeric_attributes
+                    for end in ("min", "max")
+                },
+                "facets": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": list(settings.shards.keyword_attributes)},
+                },
             },
         },
         "RecentList": {
@@ -139,10 +183,15 @@ def document(settings: Settings) -> Schema:
                 }
             },
         },
+        "Facets": {
+            "type": "object",
+            "description": "with facets=...: per keyword attribute, how many of the hits have each value",
+            "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
         "HitList": {
             "type": "object",
             "required": ["hits"],
-            "properties": {"hits": {"type": "array", "items": _ref("Hit")}},
+            "properties": {"hits": {"type": "array", "items": _ref("Hit")}, "facets": _ref("Facets")},
         },
         "Item": {
             "type": "object",

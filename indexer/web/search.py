@@ -38,7 +38,7 @@ def hit_json(hit: Hit) -> dict[str, Any]:
 async def search(request: web.Request) -> web.Response:
     """Per detected item its box, category, score and hits; and hits for the whole image."""
     node = request.app[NODE]
-    params = SearchParams.parse(dict(request.query), node.settings.api)
+    params = SearchParams.parse(request.query, node.settings.api, node.settings.shards)
     photo = request.query.get("photo", "product")
     if photo not in query_flow.PHOTO_KINDS:
         raise error(web.HTTPBadRequest, f"photo must be product or street, got {photo!r}")
@@ -74,9 +74,15 @@ async def search(request: web.Request) -> web.Response:
                 for item in result.items
             ],
             "hits": [hit_json(h) for h in result.hits],
+            **facets_json(result.hits, params),
             "timings_ms": result.timings_ms,
         }
     )
+
+
+def facets_json(hits: list[Hit], params: SearchParams) -> dict[str, Any]:
+    """``{"facets": {attribute: {value: count}}}`` over the hits when asked for, else nothing."""
+    return {"facets": query_flow.facets(hits, params.facets)} if params.facets else {}
 
 
 async def search_vector(request: web.Request) -> web.Response:
@@ -90,7 +96,7 @@ async def search_vector(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, f"the body is not JSON: {e}") from e
     if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
         raise error(web.HTTPBadRequest, "the body must be an object with a 'vector' list of numbers")
-    params = SearchParams.parse(body, node.settings.api)
+    params = SearchParams.parse(body, node.settings.api, node.settings.shards)
     try:
         vector = np.asarray(body["vector"], dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -104,7 +110,7 @@ async def search_vector(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         raise error(web.HTTPBadRequest, str(e)) from e
-    return json_body({"hits": [hit_json(h) for h in hits]})
+    return json_body({"hits": [hit_json(h) for h in hits], **facets_json(hits, params)})
 
 
 async def _read_image(request: web.Request) -> bytes:

@@ -43,6 +43,31 @@ async def test_brand_and_price_filters(client):
     assert {h["id"] for h in body["hits"]} == {"p2", "p3"}
 
 
+async def test_any_of_filters_and_facets_over_the_hits(client, node):
+    body = await search(client, 3, "?k=10&brand=zeta&brand=ACME&price_max=30&facets=brand,colour")
+    assert {h["id"] for h in body["hits"]} == {"p0", "p1", "p2", "p3"}
+    assert body["facets"] == {"brand": {"acme": 2, "zeta": 2}, "colour": {}}
+    vector = node.active.shards.record_vectors("products", "p4")[0][1].tolist()
+    response = await client.post(
+        "/search/vector", json={"vector": vector, "k": 10, "brand": ["Zeta"], "price_min": 5, "facets": ["brand"]}
+    )
+    body = await response.json()
+    assert [h["id"] for h in body["hits"]] == ["p3"] and body["facets"] == {"brand": {"zeta": 1}}
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("?colour_min=3", "'colour_min' is not a search parameter nor an indexed attribute"),
+        ("?title=x", "filters: brand, colour, size, gender, in_stock, price_min, price_max"),
+        ("?facets=price", "facets ['price'] are not keyword attributes"),
+    ],
+)
+async def test_filters_on_attributes_that_are_not_indexed_are_refused(client, query, message):
+    response = await client.post(f"/search{query}", data=encoded(product_image(1)), headers=JPEG)
+    assert response.status == 400 and message in (await response.json())["error"]
+
+
 async def test_posts_and_both_collections(client):
     posts = await search(client, 3, "?collection=posts")
     assert [h["id"] for h in posts["hits"]] == ["look-1"] and posts["hits"][0]["box"] == [0, 0, 160, 200]

@@ -7,18 +7,27 @@ import pytest
 from indexer.config import ShardSettings
 from indexer.store import backends
 from indexer.store.backends import FaissBackend
-from indexer.store.records import Delete
-from indexer.store.segments import NEVER, ItemMeta, RowSource, growing_from
+from indexer.store.columns import Codes, Columns, FilterSpec, compile_filter, record_hash
+from indexer.store.records import Delete, Item
+from indexer.store.segments import NEVER, RowSource, growing_from
 from indexer.store.shards import Shard, ShardSet
 from tests.support.shards import DIM, fill, unit_vectors, upsert
 
-
-def metas(keys) -> list[ItemMeta]:
-    return [ItemMeta("products", "top", f"r{k}", 0, (0, 0, 1, 1), None, 1.0, 0, {}) for k in keys]
+ITEM = Item("top", np.zeros(DIM, np.float32), (0, 0, 1, 1), None, 1.0)
 
 
-def found_ids(state, queries, k, seq=NEVER - 1):
-    return [[int(meta.record_id[1:]) for _, meta in row] for row in state.search(queries, k, seq)]
+def columns(keys) -> Columns:
+    """Metadata of one single-item record ``r<key>`` per key."""
+    return Columns.of_items(Codes(FilterSpec()), [("products", f"r{k}", 0, ITEM, 0, {}) for k in keys])
+
+
+def remove(shard: Shard, keys, seq: int) -> None:
+    ids = [f"r{k}" for k in keys]
+    shard.remove(np.array([record_hash("products", i) for i in ids], np.uint64), ids, seq)
+
+
+def found_ids(segment, queries, k, seq=NEVER - 1):
+    return [[int(segment.columns.blob(r)[0][1:]) for _, r in row] for row in segment.search(queries, k, seq)]
 
 
 def test_shard_matches_brute_force_after_appends_and_removes():
@@ -26,9 +35,9 @@ def test_shard_matches_brute_force_after_appends_and_removes():
     data = unit_vectors(3000)
     keys = list(range(3000))
     for start in range(0, 3000, 700):  # grows past its initial capacity several times
-        shard.append(keys[start : start + 700], data[start : start + 700], metas(keys[start : start + 700]))
+        shard.append(keys[start : start + 700], data[start : start + 700], columns(keys[start : start + 700]))
     removed = list(range(0, 3000, 3))  # enough dead rows to trigger a compaction
-    shard.remove(removed, seq=1)
+    remove(shard, removed, seq=1)
     live = np.setdiff1d(keys, removed)
     assert shard.state.live == len(live)
 
@@ -40,8 +49,8 @@ def test_shard_matches_brute_force_after_appends_and_removes():
 def test_dead_rows_below_compaction_are_skipped_but_k_live_rows_come_back():
     shard = Shard(DIM)
     data = unit_vectors(50)
-    shard.append(list(range(50)), data, metas(range(50)))
-    shard.remove(list(range(10)), seq=1)
+    shard.append(list(range(50)), data, columns(range(50)))
+    remove(shard, range(10), seq=1)
     found = found_ids(shard.growing, data[:1], 5)[0]
     assert len(set(found)) == 5 and not set(found) & set(range(10))
 
@@ -49,8 +58,8 @@ def test_dead_rows_below_compaction_are_skipped_but_k_live_rows_come_back():
 def test_a_reader_at_an_older_sequence_still_sees_rows_deleted_later():
     shard = Shard(DIM)
     data = unit_vectors(5)
-    shard.append(list(range(5)), data, metas(range(5)))
-    shard.remove([0], seq=2)
+    shard.append(list(range(5)), data, columns(range(5)))
+    remove(shard, [0], seq=2)
     assert found_ids(shard.growing, data[:1], 1, seq=1) == [[0]]
     assert found_ids(shard.growing, data[:1], 1, seq=2) != [[0]]
 
@@ -58,7 +67,7 @@ def test_a_reader_at_an_older_sequence_still_sees_rows_deleted_later():
 def test_empty_and_short_shards_return_what_they_have():
     shard = Shard(DIM)
     assert found_ids(shard.growing, unit_vectors(1), 3) == [[]]
-    shard.append([7], unit_vectors(1), metas([7]))
+    shard.append([7], unit_vectors(1), columns([7]))
     assert found_ids(shard.growing, unit_vectors(1), 3) == [[7]]
 
 
@@ -282,7 +291,7 @@ def test_an_ivf_rebuild_keeps_its_centroids_until_the_shard_doubles():
     data = unit_vectors(4000)
 
     def build(n, previous=None):
-        return FaissBackend().build_sealed(data[:n], np.arange(n), metas(range(n)), settings, previous=previous)
+        return FaissBackend().build_sealed(data[:n], np.arange(n), columns(range(n)), settings, previous=previous)
 
     first = build(2000)
     kept = build(3900, previous=first)  # under twice the rows: the same centroids, every row added
@@ -295,14 +304,16 @@ def test_an_ivf_rebuild_keeps_its_centroids_until_the_shard_doubles():
     assert retrained.index.nlist > first.index.nlist
     for segment in (kept, retrained):
         hits = segment.search(data[:200], 1, NEVER - 1)
-        assert sum(row[0][1].record_id == f"r{i}" for i, row in enumerate(hits)) >= 0.95 * 200
+        assert sum(segment.columns.blob(row[0][1])[0] == f"r{i}" for i, row in enumerate(hits)) >= 0.95 * 200
 
 
 def test_a_row_source_reads_the_chosen_rows_of_several_segments_in_order():
     data = unit_vectors(1000)
     faiss_backend = FaissBackend()
-    sealed = faiss_backend.build_sealed(data[:600], np.arange(600), metas(range(600)), ShardSettings(seal_min_rows=100))
-    growing = growing_from(data[600:], np.arange(600, 1000), metas(range(600, 1000)), 512, faiss_backend)
+    sealed = faiss_backend.build_sealed(
+        data[:600], np.arange(600), columns(range(600)), ShardSettings(seal_min_rows=100)
+    )
+    growing = growing_from(data[600:], np.arange(600, 1000), columns(range(600, 1000)), 512, faiss_backend)
     chosen = [np.arange(0, 600, 3), np.arange(0, 400, 2)]
     expected = np.concatenate([data[:600][chosen[0]], data[600:][chosen[1]]])
     rows = RowSource.of_segments(list(zip((sealed, growing), chosen)), DIM)
@@ -363,9 +374,9 @@ def test_a_selective_filter_still_returns_k_hits_when_k_records_match():
     shards.wait_for_rebuilds(timeout=60)
     assert shards.sizes()[0]["sealed"] in ("hnsw", "ivf")
     query = data[0]
-    accept = lambda meta: meta.attrs.get("brand") == "rare"  # noqa: E731
-    hits = shards.search(query, 5, "products", accept=accept)
+    rare_brand = compile_filter(shards.codes, {"brand": ["Rare"]}, {})  # any case
+    hits = shards.search(query, 5, "products", where=rare_brand)
     expected = sorted(range(10), key=lambda i: -float(data[1_190 + i] @ query))[:5]
     assert [h.id for h in hits] == [f"rare{i}" for i in expected]
-    assert len(shards.search(query, 50, "products", accept=accept)) == 10  # all that match, no more
+    assert len(shards.search(query, 50, "products", where=rare_brand)) == 10  # all that match, no more
     shards.close()

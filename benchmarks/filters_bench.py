@@ -1,0 +1,225 @@
+"""Many records on one node: insert, build, memory, queries, filtered queries and restart, per vector codec.
+
+    python -m benchmarks.filters_bench --sizes 1000000x128 --output benchmarks/results/filters.json
+
+Vectors have a low intrinsic dimension, as real embeddings do: a random
+two-layer map of a 24-d Gaussian, normalised; queries come from the same
+distribution and are not indexed rows (tight clusters, or queries that are
+rows, make every index look perfect). Each record has a ``price`` uniform in
+[0, 1) and a ``brand`` of 20; a filter ``price <= s`` selects a share ``s``.
+
+For each codec (``shards.vectors``: float32, float16, sq8), with the default
+ShardSettings otherwise, in a fresh process:
+
+* insert rate through ``ShardSet.apply`` (batches of 2,000 one-item records),
+  and the time until every rebuild has settled;
+* resident memory per record (RSS growth over the empty process) and the
+  store's own metadata bytes per row (``sizes()``);
+* unfiltered and filtered queries (selectivity 50%, 5%, 0.5%, 0.05%): p50/p99
+  and recall@10 against exact (filtered) search over the same vectors, and the
+  fewest hits any query returned;
+* the same sealed FAISS index searched directly, with the same parameters and
+  the same selector: what FAISS alone costs, next to the whole store;
+* restart: writing a checkpoint, then ``load_latest`` until searchable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from benchmarks.shards_bench import percentiles, rss_mb, settle
+from indexer.config import ShardSettings
+from indexer.store.columns import compile_filter
+from indexer.store.records import Item, Upsert
+from indexer.store.shards import ShardSet
+
+SELECTIVITIES = (0.5, 0.05, 0.005, 0.0005)
+BRANDS = 20
+GENERATION = {"encoder": "bench", "dim": 0}
+
+
+def embeddings(n: int, dim: int, seed: int, intrinsic: int = 24) -> np.ndarray:
+    """Normalised images of a 24-d Gaussian under one fixed random nonlinear map (the same for every seed)."""
+    maps = np.random.default_rng(12345)
+    w1 = maps.standard_normal((intrinsic, 256), dtype=np.float32) / np.sqrt(intrinsic)
+    w2 = maps.standard_normal((256, dim), dtype=np.float32) / 16
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), np.float32)
+    for i in range(0, n, 200_000):
+        z = rng.standard_normal((min(200_000, n - i), intrinsic), dtype=np.float32)
+        block = np.tanh(z @ w1) @ w2
+        out[i : i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def attributes(n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return rng.random(n), rng.integers(BRANDS, size=n)
+
+
+def insert(shards: ShardSet, vectors: np.ndarray, prices: np.ndarray, brands: np.ndarray, batch: int = 2000) -> None:
+    for i in range(0, len(vectors), batch):
+        shards.apply(
+            [
+                Upsert(
+                    "products",
+                    f"p{j}",
+                    0,
+                    {"price": float(prices[j]), "brand": f"b{brands[j]}"},
+                    (Item("top", vectors[j], (0, 0, 1, 1), None, 1.0),),
+                )
+                for j in range(i, min(i + batch, len(vectors)))
+            ]
+        )
+
+
+def exact_top(base: np.ndarray, queries: np.ndarray, rows: np.ndarray | None, k: int = 10) -> list[set[int]]:
+    subset = base if rows is None else base[rows]
+    _, found = faiss.knn(queries, subset, min(k, len(subset)), metric=faiss.METRIC_INNER_PRODUCT)
+    ids = found if rows is None else rows[found]
+    return [set(row.tolist()) for row in ids]
+
+
+def timed_queries(search, queries: np.ndarray) -> tuple[list[list[int]], dict]:
+    times, results = [], []
+    for q in queries:
+        started = time.perf_counter()
+        results.append(search(q))
+        times.append(time.perf_counter() - started)
+    return results, percentiles(times)
+
+
+def recall(found: list[list[int]], exact: list[set[int]]) -> float:
+    wanted = sum(len(e) for e in exact)
+    return round(sum(len(set(f) & e) for f, e in zip(found, exact)) / max(wanted, 1), 4)
+
+
+def measure(n: int, dim: int, codec: str, queries_n: int, queue) -> None:
+    """In a fresh process: everything for one codec."""
+    from indexer.search import Where, _search
+    from indexer.store.checkpoint import load_latest, write_checkpoint
+    from indexer.store.shards import one_openmp_thread, release_freed_memory
+
+    base = embeddings(n, dim, seed=1)
+    queries = embeddings(queries_n, dim, seed=2)
+    prices, brands = attributes(n)
+    gc.collect()
+    release_freed_memory()
+    before = rss_mb()
+    settings = ShardSettings(vectors={"products": codec})
+    shards = ShardSet(dim, settings)
+    started = time.perf_counter()
+    insert(shards, base, prices, brands)
+    inserted_s = time.perf_counter() - started
+    settle(shards)
+    settled_s = time.perf_counter() - started
+    gc.collect()
+    release_freed_memory()
+    (size,) = shards.sizes()
+    # the vectors the shards were given stay in this process: take them out of the store's memory
+    store_mb = rss_mb() - before - base.nbytes / 2**20
+    out = {
+        "n": n,
+        "dim": dim,
+        "codec": codec,
+        "index": size["sealed"],
+        "insert_per_s": round(n / inserted_s),
+        "insert_and_settle_s": round(settled_s, 1),
+        "rss_bytes_per_record": round(store_mb * 2**20 / n),
+        "vector_bytes_per_record": dim * {"float32": 4, "float16": 2, "sq8": 1}[codec],
+        "metadata_bytes_per_row": round(size["metadata_bytes"] / size["vectors"], 1),
+    }
+    ids = lambda hits: [int(h.id[1:]) for h in hits]  # noqa: E731
+    found, latency = timed_queries(lambda q: ids(shards.search(q, 10, "products")), queries)
+    out["unfiltered"] = {**latency, "recall_at_10": recall(found, exact_top(base, queries, None))}
+    sealed = shards.view.shards[("products", "top")].sealed
+    with one_openmp_thread():
+        _, raw_latency = timed_queries(
+            lambda q: sealed.index.search(q[None], 10, params=sealed.search_params)[1][0].tolist(), queries
+        )
+    out["unfiltered"]["faiss_alone"] = raw_latency
+    out["filtered"] = []
+    for s in SELECTIVITIES:
+        where = Where(("products",), ranges={"price": (0.0, s)})
+        matching = np.flatnonzero(prices <= s)
+        found, latency = timed_queries(lambda q, w=where: ids(_search(shards, q, 10, w)), queries)
+        exact = exact_top(base, queries, matching)
+        row = {
+            "selectivity": s,
+            "matching": len(matching),
+            **latency,
+            "recall_at_10": recall(found, exact),
+            "fewest_hits": min(len(f) for f in found),
+        }
+        # FAISS alone: the same index, the same selector of the same rows, as the store builds them
+        mask = sealed.live_mask(shards.view.seq) & sealed.columns.match(
+            compile_filter(shards.codes, {}, {"price": (0.0, s)}), sealed.count
+        )
+        with one_openmp_thread():
+            _, raw_latency = timed_queries(
+                lambda q, m=mask: shards.backend.knn_selected(sealed, q[None], 10, m, settings), queries
+            )
+        row["faiss_selector_alone"] = raw_latency
+        out["filtered"].append(row)
+        print(codec, row, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        write_checkpoint(Path(tmp), shards.view, {}, {}, {**GENERATION, "dim": dim})
+        out["checkpoint_write_s"] = round(time.perf_counter() - started, 1)
+        shards.close()
+        shards = sealed = None  # the restored copy replaces them
+        gc.collect()
+        started = time.perf_counter()
+        _, restored = load_latest(Path(tmp), {**GENERATION, "dim": dim}, settings)
+        restored.search(queries[0], 10, "products")
+        out["restart_s"] = round(time.perf_counter() - started, 1)
+        out["restored_records"] = restored.records("products")
+        restored.close()
+    queue.put(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=("quick", "full"), default="quick")
+    parser.add_argument("--sizes", nargs="+", help="NxDIM, e.g. 10000000x128")
+    parser.add_argument("--codecs", nargs="+", default=["float32", "float16", "sq8"])
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    sizes = args.sizes or (["1000000x128"] if args.profile == "quick" else ["10000000x128", "1000000x1280"])
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "faiss": faiss.__version__,
+        },
+        "runs": [],
+    }
+    context = multiprocessing.get_context("spawn")
+    for size in sizes:
+        n, dim = (int(x) for x in size.split("x"))
+        for codec in args.codecs:
+            queue = context.Queue()
+            process = context.Process(target=measure, args=(n, dim, codec, args.queries, queue))
+            process.start()
+            results["runs"].append(queue.get())
+            process.join()
+            print(results["runs"][-1], flush=True)
+            if args.output:
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                args.output.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

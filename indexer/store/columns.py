@@ -1,0 +1,348 @@
+"""Row metadata in columns: what a segment knows of each row, with no Python object per row.
+
+A shard of ten million rows cannot hold a Python object per row (one
+``ItemMeta`` with its dict of attrs was about 1.2 KB, more than a 128-d
+vector). A segment's rows are described here by parallel arrays instead:
+
+==============  ========  =====================================================
+column          bytes     what
+==============  ========  =====================================================
+``record``      8         64-bit hash of (collection, record id): finds a record's rows
+``item``        2         position of the item within its record
+``box``         8         the item's box in the record's image (uint16 x 4)
+``label``       2         the detector's label, as a code of ``Codes.labels``
+``score``       4         the detector's score
+``ts``          8         the record's event time (ms)
+``blob_end``    8         end of the row's blob in ``arena``: msgpack ``[id, attrs]``
+==============  ========  =====================================================
+
+with the segment's ``keys`` and ``deleted_at`` (8 bytes each, segments.py) that
+is 40 + 16 = 56 bytes a row, plus the attrs' own bytes in the arena, plus 4
+(keyword) or 8 (numeric) bytes for each attribute named in
+``shards.keyword_attributes`` / ``shards.numeric_attributes``: those are the
+filter columns a search selects rows by (``Filter``). Collection and category
+are the shard's, and not stored per row.
+
+A row's blob is unpacked only for the hits a search returns, so a query
+touches the arena k times, not once per candidate. Arrays are preallocated
+with room to grow: the writer fills rows past the published count, and when a
+column must grow it is replaced by a larger copy, so a reader holding either
+reference sees every published row (shards.py explains the rest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+#: ``keyword`` attribute code of a row whose record has no such attribute (or a value that is not a scalar)
+MISSING = -1
+#: bytes of one arena gather step (vectorised; its index array is 8 times as large)
+_GATHER_BYTES = 16 << 20
+
+
+def record_hash(collection: str, record_id: str) -> int:
+    """A record's 64-bit key in the ``record`` column (lookups check the id too: a collision is harmless)."""
+    digest = hashlib.blake2b(f"{collection}\0{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def keyword_value(value: Any) -> str | None:
+    """How a keyword attribute's value is indexed and matched: case-folded text; None where it cannot be one.
+
+    Booleans are "true"/"false" (``in_stock=true``), whole numbers have no ".0".
+    Lists and maps are not keyword values (see docs/architecture.md, "Filters").
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str):
+        return value.casefold()
+    return None
+
+
+def numeric_value(value: Any) -> float:
+    """A numeric attribute's value, NaN where it is not a number (NaN matches no range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value)
+
+
+class Vocabulary:
+    """Strings by code and codes by string, append-only: a reader may decode any code it has seen."""
+
+    def __init__(self, words: Iterable[str] = ()) -> None:
+        self.words: list[str] = []
+        self._codes: dict[str, int] = {}
+        for word in words:
+            self.code(word)
+
+    def code(self, word: str) -> int:
+        """The word's code, given one if it is new (writer only)."""
+        code = self._codes.get(word)
+        if code is None:
+            code = self._codes[word] = len(self.words)
+            self.words.append(word)
+        return code
+
+    def find(self, word: str) -> int | None:
+        """The word's code, or None if no row ever had it."""
+        return self._codes.get(word)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """Which attributes are indexed for filtering, and how (``shards.keyword_attributes`` / ``numeric_attributes``)."""
+
+    keyword: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+
+    def columns(self) -> dict[str, np.dtype]:
+        return {
+            **{f"kw.{a}": np.dtype(np.int32) for a in self.keyword},
+            **{f"num.{a}": np.dtype(np.float64) for a in self.numeric},
+        }
+
+
+class Codes:
+    """The shard set's vocabularies: detector labels, and the values of each keyword attribute."""
+
+    def __init__(self, spec: FilterSpec, labels: Iterable[str] = (), keywords: dict[str, list[str]] | None = None):
+        self.spec = spec
+        self.labels = Vocabulary(labels)
+        self.keywords = {name: Vocabulary((keywords or {}).get(name, ())) for name in spec.keyword}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": list(self.labels.words), "keywords": {n: list(v.words) for n, v in self.keywords.items()}}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One attribute's condition: any of some keyword codes, or a numeric range (either end open)."""
+
+    attribute: str
+    any_of: tuple[int, ...] | None = None  # codes; empty: a value no row has, so nothing matches
+    low: float = -math.inf
+    high: float = math.inf
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Conditions that must all hold; compiled against a ``Codes`` (``Codes.compile``)."""
+
+    conditions: tuple[Condition, ...]
+
+
+class UnknownAttribute(ValueError):
+    """A filter names an attribute that is not indexed."""
+
+
+def compile_filter(codes: Codes, keyword: dict[str, Sequence[Any]], ranges: dict[str, tuple[float, float]]) -> Filter:
+    """A filter over indexed attributes: ``keyword`` any-of values, ``ranges`` inclusive [low, high]."""
+    conditions = []
+    for name, values in keyword.items():
+        if name not in codes.keywords:
+            raise UnknownAttribute(name)
+        vocabulary = codes.keywords[name]
+        found = (vocabulary.find(v) for v in (keyword_value(x) for x in values) if v is not None)
+        conditions.append(Condition(f"kw.{name}", any_of=tuple(sorted({c for c in found if c is not None}))))
+    for name, (low, high) in ranges.items():
+        if name not in codes.spec.numeric:
+            raise UnknownAttribute(name)
+        conditions.append(Condition(f"num.{name}", low=low, high=high))
+    return Filter(tuple(conditions))
+
+
+class Columns:
+    """The metadata columns of a segment's rows (see the module docstring); arrays have room past ``count``."""
+
+    FIXED: ClassVar[dict[str, tuple[np.dtype, tuple[int, ...]]]] = {
+        "record": (np.dtype(np.uint64), ()),
+        "item": (np.dtype(np.int16), ()),
+        "box": (np.dtype(np.uint16), (4,)),
+        "label": (np.dtype(np.int16), ()),
+        "score": (np.dtype(np.float32), ()),
+        "ts": (np.dtype(np.int64), ()),
+        "blob_end": (np.dtype(np.int64), ()),
+    }
+
+    def __init__(self, arrays: dict[str, np.ndarray], arena: np.ndarray) -> None:
+        self.arrays = arrays
+        self.arena = arena  # uint8: the blobs of rows 0..n one after another
+
+    # -- making ----------------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, spec: FilterSpec, capacity: int, arena_bytes: int = 0) -> Columns:
+        shapes = {**cls.FIXED, **{name: (dtype, ()) for name, dtype in spec.columns().items()}}
+        arrays = {name: np.empty((capacity, *shape), dtype) for name, (dtype, shape) in shapes.items()}
+        return cls(arrays, np.empty(max(arena_bytes, 1024), np.uint8))
+
+    @classmethod
+    def of_items(cls, codes: Codes, rows: Sequence[tuple[str, str, int, Any, int, dict[str, Any]]]) -> Columns:
+        """Columns of new rows: (collection, record id, ts, item, position, attrs) each (the writer's batch).
+
+        ``item`` has ``box``, ``label`` and ``score`` (a store ``Item``). The
+        only per-row Python work of the store is here, once per new row.
+        """
+        out = cls.empty(codes.spec, len(rows))
+        a = out.arrays
+        blobs = []
+        for r, (collection, record_id, ts, item, position, attrs) in enumerate(rows):
+            a["record"][r] = record_hash(collection, record_id)
+            a["item"][r] = position
+            a["box"][r] = np.clip(item.box, 0, 65535)
+            a["label"][r] = -1 if item.label is None else codes.labels.code(item.label)
+            a["score"][r] = item.score
+            a["ts"][r] = ts
+            blobs.append(msgpack.packb([record_id, attrs]))
+            for name, vocabulary in codes.keywords.items():
+                value = keyword_value(attrs.get(name))
+                a[f"kw.{name}"][r] = MISSING if value is None else vocabulary.code(value)
+            for name in codes.spec.numeric:
+                a[f"num.{name}"][r] = numeric_value(attrs.get(name))
+        lengths = np.fromiter((len(b) for b in blobs), np.int64, len(blobs))
+        np.cumsum(lengths, out=a["blob_end"][: len(rows)])
+        out.arena = np.frombuffer(b"".join(blobs), np.uint8).copy() if blobs else np.empty(0, np.uint8)
+        return out
+
+    def recompute_filters(self, codes: Codes, count: int) -> None:
+        """Fill the filter columns of ``codes.spec`` from the blobs (after the configured attributes changed)."""
+        fresh = Columns.empty(codes.spec, count)
+        for name in codes.spec.columns():
+            self.arrays[name] = fresh.arrays[name]
+        for r in range(count):
+            _, attrs = self.blob(r)
+            for name, vocabulary in codes.keywords.items():
+                value = keyword_value(attrs.get(name))
+                self.arrays[f"kw.{name}"][r] = MISSING if value is None else vocabulary.code(value)
+            for name in codes.spec.numeric:
+                self.arrays[f"num.{name}"][r] = numeric_value(attrs.get(name))
+
+    # -- the writer: rows past the published count -----------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return len(self.arrays["record"])
+
+    def write(self, start: int, new: Columns, n: int) -> None:
+        """Copy ``n`` rows of ``new`` to rows ``start..``: capacity must suffice; the arena grows as needed."""
+        used = int(self.arrays["blob_end"][start - 1]) if start else 0
+        size = int(new.arrays["blob_end"][n - 1]) if n else 0
+        if used + size > len(self.arena):
+            grown = np.empty(max(2 * len(self.arena), used + size), np.uint8)
+            grown[:used] = self.arena[:used]
+            self.arena = grown  # readers of the old array still find every published blob in it
+        self.arena[used : used + size] = new.arena[:size]
+        for name, array in self.arrays.items():
+            source = new.arrays[name][:n]
+            array[start : start + n] = source + used if name == "blob_end" else source
+
+    def take(self, rows: np.ndarray, capacity: int | None = None) -> Columns:
+        """These rows (ascending or not) in new arrays of at least ``capacity`` rows, their blobs repacked."""
+        n = len(rows)
+        out = Columns({}, np.empty(0, np.uint8))
+        size = max(capacity or n, n)
+        for name, array in self.arrays.items():
+            column = np.empty((size, *array.shape[1:]), array.dtype)
+            np.take(array, rows, axis=0, out=column[:n])
+            out.arrays[name] = column
+        ends = self.arrays["blob_end"]
+        starts = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
+        lengths = ends[rows] - starts
+        np.cumsum(lengths, out=out.arrays["blob_end"][:n])
+        out.arena = _gather_bytes(self.arena, starts, lengths)
+        return out
+
+    @classmethod
+    def concat(cls, parts: Sequence[Columns], counts: Sequence[int]) -> Columns:
+        """The first ``counts[i]`` rows of each part, one after another."""
+        arrays = {name: np.concatenate([p.arrays[name][:c] for p, c in zip(parts, counts)]) for name in parts[0].arrays}
+        offset, ends = 0, []
+        for part, c in zip(parts, counts):
+            ends.append(part.arrays["blob_end"][:c] + offset)
+            offset += int(part.arrays["blob_end"][c - 1]) if c else 0
+        arrays["blob_end"] = np.concatenate(ends) if ends else np.empty(0, np.int64)
+        arena = np.concatenate([p.arena[: int(p.arrays["blob_end"][c - 1]) if c else 0] for p, c in zip(parts, counts)])
+        return cls(arrays, arena)
+
+    # -- readers ---------------------------------------------------------------------------
+
+    def blob(self, row: int) -> tuple[str, dict[str, Any]]:
+        """(record id, attrs) of a row: the one place a blob is unpacked."""
+        ends = self.arrays["blob_end"]
+        start = int(ends[row - 1]) if row else 0
+        record_id, attrs = msgpack.unpackb(self.arena[start : int(ends[row])].tobytes())
+        return record_id, attrs
+
+    def rows_of(self, hashes: np.ndarray, count: int) -> np.ndarray:
+        """Rows among the first ``count`` whose record hash is one of ``hashes`` (unsorted, any number)."""
+        return np.flatnonzero(np.isin(self.arrays["record"][:count], hashes))
+
+    def match(self, where: Filter, count: int) -> np.ndarray:
+        """A boolean mask over the first ``count`` rows: True where every condition holds."""
+        mask = np.ones(count, bool)
+        for c in where.conditions:
+            column = self.arrays[c.attribute][:count]
+            if c.any_of is not None:
+                mask &= np.isin(column, c.any_of) if len(c.any_of) != 1 else column == c.any_of[0]
+            else:
+                mask &= (column >= c.low) & (column <= c.high)  # NaN (no value) is never in range
+        return mask
+
+    def nbytes(self, count: int) -> int:
+        """Bytes the first ``count`` rows take: columns and blobs."""
+        per_row = sum(a.itemsize * int(np.prod(a.shape[1:])) for a in self.arrays.values())
+        return per_row * count + (int(self.arrays["blob_end"][count - 1]) if count else 0)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def to_arrays(self, rows: np.ndarray | None, count: int) -> dict[str, np.ndarray]:
+        """The columns of ``rows`` (all ``count`` when None), arena included, as arrays a checkpoint writes."""
+        part = self.take(rows) if rows is not None else self
+        n = len(rows) if rows is not None else count
+        out = {name: array[:n] for name, array in part.arrays.items()}
+        out["arena"] = part.arena[: int(part.arrays["blob_end"][n - 1]) if n else 0]
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], codes: Codes) -> Columns:
+        """Columns read back from a checkpoint: filter columns no longer configured dropped, new ones filled."""
+        arena = arrays.pop("arena")
+        wanted = set(cls.FIXED) | set(codes.spec.columns())
+        columns = cls({name: a for name, a in arrays.items() if name in wanted}, arena)
+        if not set(codes.spec.columns()) <= set(columns.arrays):
+            columns.recompute_filters(codes, len(arrays["record"]))
+        return columns
+
+
+def _gather_bytes(arena: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``b"".join(arena[s:s+l])`` for each (s, l), vectorised a few megabytes at a time."""
+    total = int(lengths.sum())
+    out = np.empty(max(total, 1024), np.uint8)
+    ends = np.cumsum(lengths)
+    done = 0
+    first = 0
+    while first < len(lengths):
+        last = int(np.searchsorted(ends, done + _GATHER_BYTES, side="right"))
+        last = max(last, first + 1)
+        part_lengths = lengths[first:last]
+        size = int(part_lengths.sum())
+        if size:
+            shift = np.repeat(starts[first:last] - (np.cumsum(part_lengths) - part_lengths), part_lengths)
+            out[done : done + size] = arena[shift + np.arange(size)]
+        done += size
+        first = last
+    return out
