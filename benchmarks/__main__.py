@@ -34,6 +34,8 @@ def steps(profile: str) -> dict[str, list[str]]:
     gpu_sizes = ["1000000x128"] if profile == "quick" else ["1000000x128", "10000000x128", "1000000x1280"]
     return {
         "shards": ["benchmarks.shards_bench", "--profile", profile],
+        # quick: 1M x 128 per codec; full: 10M x 128 and 1M x 1280
+        "filters": ["benchmarks.filters_bench", "--profile", profile],
         "ingest": ["benchmarks.ingest", "--profile", profile],
         "query": ["benchmarks.query_bench", "--profile", profile],
         # 1M x 1280: up to 19 GB for lookstream (a rebuild under ingest), its own step. Without Milvus Lite,

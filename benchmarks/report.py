@@ -333,6 +333,68 @@ in a fresh process after inserting n records and rewriting half of them, against
     page.add(_table(["records", "live data", "after 50% churn", "ratio", "goal ≤ 1.3"], rows))
 
 
+def _filters(page: Page, data: dict | None) -> None:
+    page.add("## Many records, vector codecs and filters inside the search (`filters` step)")
+    if data is None or not data.get("runs"):
+        page.add("Not run.")
+        return
+    page.add(
+        """
+benchmarks/filters_bench.py, one fresh process per codec (`shards.vectors`), default ShardSettings otherwise.
+Vectors: a fixed random nonlinear map of a 24-d Gaussian, normalised (low intrinsic dimension, as real
+embeddings); queries drawn from the same distribution, not indexed rows. Recall@10 against exact search over
+the same vectors (filtered: over the matching records). "FAISS alone": the same sealed index searched directly
+with the same parameters (filtered: the same selector), without the store around it. Memory: resident memory
+per record after the rebuilds settle, the store's whole process growth less the benchmark's own copy of the
+vectors; metadata: the store's columns and blobs per row, filter columns included."""
+    )
+    rows = []
+    for r in data["runs"]:
+        u = r["unfiltered"]
+        rows.append(
+            [
+                _size(r["n"], r["dim"]),
+                r["codec"],
+                r["index"],
+                f"{r['insert_per_s']:,}/s",
+                f"{r['insert_and_settle_s']} s",
+                f"{r['rss_bytes_per_record']} B ({r['vector_bytes_per_record']} B vector)",
+                f"{r['metadata_bytes_per_row']} B",
+                f"{_ms(u)} ({_ms(u['faiss_alone'])})",
+                u["recall_at_10"],
+                f"{r['checkpoint_write_s']} / {r['restart_s']} s",
+            ]
+        )
+    header = ["records", "codec", "index", "insert", "insert + settle", "memory / record", "metadata / row"]
+    header += ["query p50 / p99 (FAISS alone)", "recall@10", "checkpoint / restart"]
+    page.add(_table(header, rows))
+    rows = []
+    for r in data["runs"]:
+        for f in r["filtered"]:
+            ok = f["recall_at_10"] >= 0.95 and f["fewest_hits"] >= min(10, f["matching"])
+            rows.append(
+                [
+                    _size(r["n"], r["dim"]),
+                    r["codec"],
+                    f"{100 * f['selectivity']:g}%",
+                    f"{f['matching']:,}",
+                    _ms(f),
+                    _ms(f["faiss_selector_alone"]),
+                    f["recall_at_10"],
+                    f["fewest_hits"],
+                    _met(ok),
+                ]
+            )
+            page.goal(
+                f"filtered recall@10 ≥ 0.95 and k hits, {_size(r['n'], r['dim'])} {r['codec']} at "
+                f"{100 * f['selectivity']:g}%",
+                f"{f['recall_at_10']}, fewest {f['fewest_hits']}",
+                ok,
+            )
+    header = ["records", "codec", "selectivity", "matching", "p50 / p99", "FAISS + selector alone", "recall@10"]
+    page.add(_table([*header, "fewest hits", "goal"], rows))
+
+
 def _models(page: Page, cpu: dict | None, gpu: dict | None) -> None:
     page.add("## Models: images per second (`models-cpu`, `models-gpu` steps)")
     if cpu is None and gpu is None:
@@ -389,6 +451,7 @@ def write(results: Path, docs: Path) -> Path:
     _query(page, [d for d in (_load(results, "query"), _load(results, "query-large")) if d])
     _swaps(page, _load(results, "swaps"))
     _shards(page, _load(results, "shards"))
+    _filters(page, _load(results, "filters"))
     _models(page, _load(results, "models-cpu"), _load(results, "models-gpu"))
     _gpu(page, _load(results, "gpu"))
     machines = {json.dumps(r["machine"], sort_keys=True): r["machine"] for r in runs.values()}

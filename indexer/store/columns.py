@@ -197,26 +197,30 @@ class Columns:
         ``item`` has ``box``, ``label`` and ``score`` (a store ``Item``). The
         only per-row Python work of the store is here, once per new row.
         """
-        out = cls.empty(codes.spec, len(rows))
-        a = out.arrays
-        blobs = []
-        for r, (collection, record_id, ts, item, position, attrs) in enumerate(rows):
-            a["record"][r] = record_hash(collection, record_id)
-            a["item"][r] = position
-            a["box"][r] = np.clip(item.box, 0, 65535)
-            a["label"][r] = -1 if item.label is None else codes.labels.code(item.label)
-            a["score"][r] = item.score
-            a["ts"][r] = ts
-            blobs.append(msgpack.packb([record_id, attrs]))
-            for name, vocabulary in codes.keywords.items():
-                value = keyword_value(attrs.get(name))
-                a[f"kw.{name}"][r] = MISSING if value is None else vocabulary.code(value)
-            for name in codes.spec.numeric:
-                a[f"num.{name}"][r] = numeric_value(attrs.get(name))
-        lengths = np.fromiter((len(b) for b in blobs), np.int64, len(blobs))
-        np.cumsum(lengths, out=a["blob_end"][: len(rows)])
-        out.arena = np.frombuffer(b"".join(blobs), np.uint8).copy() if blobs else np.empty(0, np.uint8)
-        return out
+        n = len(rows)
+        blobs = [msgpack.packb([record_id, attrs]) for _, record_id, _, _, _, attrs in rows]
+        labels = codes.labels
+        arrays = {
+            "record": np.fromiter((record_hash(c, i) for c, i, *_ in rows), np.uint64, n),
+            "item": np.fromiter((position for *_, position, _ in rows), np.int16, n),
+            "box": np.clip(np.array([item.box for *_, item, _, _ in rows], np.int64).reshape(n, 4), 0, 65535).astype(
+                np.uint16
+            ),
+            "label": np.fromiter(
+                (-1 if item.label is None else labels.code(item.label) for *_, item, _, _ in rows), np.int16, n
+            ),
+            "score": np.fromiter((item.score for *_, item, _, _ in rows), np.float32, n),
+            "ts": np.fromiter((ts for _, _, ts, *_ in rows), np.int64, n),
+            "blob_end": np.cumsum(np.fromiter(map(len, blobs), np.int64, n)),
+        }
+        for name, vocabulary in codes.keywords.items():
+            values = (keyword_value(attrs.get(name)) for *_, attrs in rows)
+            arrays[f"kw.{name}"] = np.fromiter(
+                (MISSING if v is None else vocabulary.code(v) for v in values), np.int32, n
+            )
+        for name in codes.spec.numeric:
+            arrays[f"num.{name}"] = np.fromiter((numeric_value(attrs.get(name)) for *_, attrs in rows), np.float64, n)
+        return cls(arrays, np.frombuffer(b"".join(blobs), np.uint8).copy() if blobs else np.empty(0, np.uint8))
 
     def recompute_filters(self, codes: Codes, count: int) -> None:
         """Fill the filter columns of ``codes.spec`` from the blobs (after the configured attributes changed)."""
