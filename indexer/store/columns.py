@@ -33,6 +33,7 @@ reference sees every published row (shards.py explains the rest).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from typing import Any, ClassVar
 
 import msgpack
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: ``keyword`` attribute code of a row whose record has no such attribute (or a value that is not a scalar)
 MISSING = -1
@@ -328,6 +331,7 @@ class Columns:
         wanted = set(cls.FIXED) | set(codes.spec.columns())
         columns = cls({name: a for name, a in arrays.items() if name in wanted}, arena)
         if not set(codes.spec.columns()) <= set(columns.arrays):
+            log.warning("indexing new filter attributes of %d rows from their attrs (once)", len(arrays["record"]))
             columns.recompute_filters(codes, len(arrays["record"]))
         return columns
 

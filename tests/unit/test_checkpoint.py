@@ -4,6 +4,7 @@ import pytest
 from indexer.config import ShardSettings
 from indexer.store import backends
 from indexer.store.checkpoint import load_latest, write_checkpoint
+from indexer.store.columns import compile_filter
 from indexer.store.records import Delete
 from indexer.store.shards import ShardSet
 from tests.support.shards import DIM, fill, unit_vectors, upsert
@@ -145,3 +146,22 @@ def test_a_restored_index_is_searched_with_the_parameters_it_was_built_with(tmp_
         assert built.search_params.efSearch == loaded.search_params.efSearch == 40
     else:
         assert built.search_params.nprobe == loaded.search_params.nprobe == built.index.nlist // 2
+
+
+def test_attributes_indexed_after_a_checkpoint_are_filled_from_the_records_when_it_is_restored(tmp_path):
+    before = ShardSettings(seal_min_rows=100, hnsw_max_rows=1_000, keyword_attributes=("brand",), numeric_attributes=())
+    shards = ShardSet(DIM, before)
+    data = unit_vectors(200)
+    shards.apply(
+        [upsert(f"p{i}", [v], attrs={"brand": "b", "colour": ("red", "blue")[i % 2]}) for i, v in enumerate(data)]
+    )
+    shards.wait_for_rebuilds(timeout=60)
+    write_checkpoint(tmp_path, shards.view, {}, {}, GENERATION)
+    shards.close()
+
+    after = before.model_copy(update={"keyword_attributes": ("brand", "colour")})
+    _, restored = load_latest(tmp_path, GENERATION, after)
+    red = compile_filter(restored.codes, {"colour": ["RED"]}, {})
+    hits = restored.search(data[1], 100, "products", where=red)
+    assert len(hits) == 100 and all(h.attrs["colour"] == "red" for h in hits)
+    restored.close()
