@@ -191,8 +191,9 @@ class ShardSettings(BaseModel):
     keyword_attributes: tuple[str, ...] = ("brand", "colour", "size", "gender", "in_stock")
     numeric_attributes: tuple[str, ...] = ("price",)
     # A filtered search scores the matching rows of a sealed segment exactly when there are at most
-    # this many, and searches the index with a selector of them otherwise.
-    filter_exact_max_rows: int = Field(20_000, ge=0)
+    # this many, and searches the index with a selector of them otherwise (reading a row back from
+    # an IVF index costs about 4 us; docs/benchmarks.md, filters step).
+    filter_exact_max_rows: int = Field(2_000, ge=0)
 
     @model_validator(mode="after")
     def _attributes_once(self) -> ShardSettings:

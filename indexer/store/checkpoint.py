@@ -1,7 +1,7 @@
 """Durable checkpoints: the shards and the Kafka offsets they include, written atomically.
 
 A checkpoint is a directory ``checkpoints/ckpt-<seq>/`` holding, per shard, the
-sealed FAISS index (``faiss.serialize_index``) with its deleted-row mask, the
+sealed FAISS index (``faiss.write_index``) with its deleted-row mask, the
 growing segment's live vectors (``.npy``), each segment's item keys and
 metadata columns (columns.py) as one ``.npz`` of arrays, the vocabularies of
 labels and keyword values (msgpack), and ``manifest.json`` (offsets, counters,
@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -73,15 +74,36 @@ class _Files:
         _write(self.directory / name, data)
         self.sums[name] = [len(data), crc32c.crc32c(data)]
 
+    def write_index(self, name: str, index: Any) -> None:
+        """A FAISS index written by FAISS itself (serialising it in memory first would double its size)."""
+        path = self.directory / name
+        faiss.write_index(index, str(path))
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                self.sums[name] = [len(data), crc32c.crc32c(data)]
+
 
 def _read(directory: Path, name: str, sums: dict[str, list[int]] | None) -> bytes:
     """A checkpoint file's bytes, checked against the manifest (checkpoints before checksums are not)."""
     data = (directory / name).read_bytes()
+    _check(name, data, sums)
+    return data
+
+
+def _check(name: str, data: Any, sums: dict[str, list[int]] | None) -> None:
     if sums is not None:
         expected = sums.get(name)
         if expected is None or expected != [len(data), crc32c.crc32c(data)]:
             raise CorruptCheckpoint(f"{name} does not match its size and checksum in the manifest")
-    return data
+
+
+def _read_index(directory: Path, name: str, sums: dict[str, list[int]] | None) -> Any:
+    """A FAISS index file, checked through a memory map and read by FAISS itself: no copy of it in Python."""
+    path = directory / name
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _check(name, data, sums)
+    return faiss.read_index(str(path))
 
 
 class CorruptCheckpoint(ValueError):
@@ -116,7 +138,7 @@ def write_checkpoint(
             entry["sealed"] = sealed.kind
             dead = sealed.deleted_at[: sealed.count] <= view.seq
             if sealed.index is not None:
-                files.write(f"{n}.sealed.faiss", faiss.serialize_index(sealed.index).tobytes())
+                files.write_index(f"{n}.sealed.faiss", sealed.index)
             else:
                 files.write(f"{n}.sealed.npy", _npy(sealed.vectors[: sealed.count]))
             files.write(f"{n}.sealed.dead.npy", _npy(dead))
@@ -253,7 +275,7 @@ def _load(
             if entry["sealed"] == "flat":
                 rows["vectors"] = _npy_load(read(f"{n}.sealed.npy"))
             else:
-                rows["index"] = faiss.deserialize_index(np.frombuffer(read(f"{n}.sealed.faiss"), dtype=np.uint8))
+                rows["index"] = _read_index(path, f"{n}.sealed.faiss", sums)
             sealed = Segment(
                 entry["sealed"],
                 keys,
