@@ -36,6 +36,11 @@ from indexer.store.records import Delete, Upsert
 log = logging.getLogger(__name__)
 
 
+def encoder_group(group_id: str, generation: str) -> str:
+    """The consumer group of a generation's encoders (apart from ``lookstream up`` nodes' groups)."""
+    return f"{group_id}.encode.{generation}"
+
+
 class _ForgetRevoked(ConsumerRebalanceListener):
     """Newly assigned partitions start from the group's committed offsets (Kafka's default position).
 

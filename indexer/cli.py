@@ -139,7 +139,7 @@ def _records_topic_configs(settings: Settings) -> dict[str, str]:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model files are cached.")
 def encode(config_path, bootstrap_servers, data_dir) -> None:
     """Encoder role: events in, records out (one consumer group; run any number of these)."""
-    from consumers.encoding import EncodingConsumer
+    from consumers.encoding import EncodingConsumer, encoder_group
     from indexer.generations import Generation
     from indexer.kafka.topics import ensure_topic, ensure_topics
 
@@ -149,7 +149,7 @@ def encode(config_path, bootstrap_servers, data_dir) -> None:
     generation = Generation.create(settings, _load_or_fail(settings, settings.models))
     topic = generation.records_topic(settings)
     ensure_topic(settings.kafka, topic, settings.cluster.records_partitions, _records_topic_configs(settings))
-    kafka = settings.kafka.model_copy(update={"group_id": f"{settings.kafka.group_id}.encode.{generation.id}"})
+    kafka = settings.kafka.model_copy(update={"group_id": encoder_group(settings.kafka.group_id, generation.id)})
     consumer = EncodingConsumer(
         kafka, settings.cluster, generation.pipeline, generation.stats, generation.id, topic, settings.ingest
     )

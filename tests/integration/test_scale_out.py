@@ -15,8 +15,9 @@ import pytest
 from kafka import KafkaProducer
 from kafka.partitioner.default import murmur2
 
-from consumers.encoding import EncodingConsumer
+from consumers.encoding import EncodingConsumer, encoder_group
 from consumers.records_topic import record_key
+from indexer import generations
 from indexer.config import Settings
 from indexer.events import Event
 from indexer.generations import Generation, Replica
@@ -92,7 +93,7 @@ class Cluster:
 
     def start_encoder(self) -> EncodingConsumer:
         s = self.settings
-        kafka = s.kafka.model_copy(update={"group_id": f"{s.kafka.group_id}.encode.{self.generation.id}"})
+        kafka = s.kafka.model_copy(update={"group_id": encoder_group(s.kafka.group_id, self.generation.id)})
         generation = Generation.create(s, self.models)
         encoder = EncodingConsumer(kafka, s.cluster, generation.pipeline, generation.stats, generation.id, self.topic)
         encoder.start()
@@ -346,3 +347,92 @@ async def test_a_late_replica_restores_a_checkpoint_catches_up_and_becomes_ready
     await eventually(lambda: router_ready(late_client), timeout=30)  # /readyz, the same check as the router's
     stats = await json_of(await late_client.get("/stats"))
     assert stats["models"]["checkpoint"]["restored_from"] == late.active.restored_from
+
+
+async def test_a_generation_flip_across_the_cluster_fails_no_query_and_mixes_no_generations(
+    cluster, cluster_settings, tiny_clip
+):
+    cluster.start_encoder()
+    halves = [await cluster.start_replica((0, 1)), await cluster.start_replica((2, 3))]
+    router, routing = await cluster.router()
+    publish_all(cluster_settings, [product(i) for i in range(12)], [])
+    old = cluster.generation.id
+
+    async def all_found() -> bool:
+        return all([await found(router, i) for i in range(12)])
+
+    await eventually(lambda: router_ready(router), timeout=60)
+    await eventually(all_found, timeout=120)
+
+    # The new generation's encoders, and the router able to encode for it.
+    clip = cluster_settings.models.model_copy(
+        update={"encoder": "clip-vision", "options": {"clip-vision": {"name_or_path": str(tiny_clip)}}}
+    )
+    clip_settings = cluster_settings.model_copy(update={"models": clip})
+    loop = asyncio.get_running_loop()
+    clip_models = await loop.run_in_executor(None, generations.load, clip_settings, clip)
+    new_encoder = Generation.create(clip_settings, clip_models, clip)
+    new_topic = new_encoder.records_topic(clip_settings)
+    ensure_topic(clip_settings.kafka, new_topic, clip_settings.cluster.records_partitions)
+    kafka = clip_settings.kafka.model_copy(
+        update={"group_id": encoder_group(clip_settings.kafka.group_id, new_encoder.id)}
+    )
+    encoder = EncodingConsumer(
+        kafka, clip_settings.cluster, new_encoder.pipeline, new_encoder.stats, new_encoder.id, new_topic
+    )
+    encoder.start()
+    cluster.encoders.append(encoder)
+    await loop.run_in_executor(None, routing.reload, clip_settings)
+
+    failures, seen = [], []
+    stop = asyncio.Event()
+
+    async def client_loop() -> None:
+        i = 0
+        while not stop.is_set():
+            response = await router.post("/search?k=1", data=encoded(product_image(i % 12)), headers=JPEG)
+            body = await response.json()
+            if response.status != 200 or body["missing_partitions"]:
+                failures.append(body)
+            elif [h["id"] for h in body["hits"]] != [f"p{i % 12}"]:
+                failures.append(body["hits"])
+            else:
+                seen.append(body["generation"])
+            i += 1
+
+    querying = asyncio.create_task(client_loop())
+    # One replica flips first; the router keeps the old generation, which the flipped one still answers.
+    (first, _), (second, _) = halves
+    assert await loop.run_in_executor(None, first.switch, clip) is not None
+    await eventually(lambda: _active(first, new_encoder.id), timeout=120)
+    await asyncio.sleep(1.5)
+    assert seen[-1] == old
+    assert await loop.run_in_executor(None, second.switch, clip) is not None
+    await eventually(lambda: _active(second, new_encoder.id), timeout=120)
+    await eventually(lambda: _answered_by(seen, new_encoder.id), timeout=30)
+    stop.set()
+    await querying
+    assert failures == []
+    assert seen[0] == old and seen[-1] == new_encoder.id
+    switched = seen.index(new_encoder.id)
+    assert set(seen[:switched]) == {old} and set(seen[switched:]) == {new_encoder.id}  # one flip, no flapping
+
+
+def product(i: int) -> Event:
+    return Event("product.upsert", f"p{i}", 1000 + i, image=encoded(product_image(i)), attrs={"category": "top"})
+
+
+async def found(client, i: int) -> bool:
+    response = await client.post("/search?k=1", data=encoded(product_image(i)), headers=JPEG)
+    if response.status != 200:
+        return False
+    hits = (await response.json())["hits"]
+    return bool(hits) and hits[0]["id"] == f"p{i}"
+
+
+async def _active(node: Node, generation: str) -> bool:
+    return node.active.id == generation
+
+
+async def _answered_by(seen: list[str], generation: str) -> bool:
+    return bool(seen) and seen[-1] == generation
