@@ -108,8 +108,8 @@ def _partition_list(value: str | None) -> tuple[int, ...] | None:
     partitions: set[int] = set()
     try:
         for part in value.split(","):
-            low, _, high = part.strip().partition("-")
-            partitions.update(range(int(low), int(high or low) + 1))
+            low, dash, high = part.strip().partition("-")
+            partitions.update(range(int(low), int(high if dash else low) + 1))
     except ValueError as e:
         raise click.BadParameter(f"expected partitions like 0,2-5, got {value!r}") from e
     if not partitions or min(partitions) < 0:
@@ -185,6 +185,7 @@ def serve(config_path, bootstrap_servers, port, host, data_dir, partitions, adve
     from aiohttp import web
 
     from indexer.generations import Replica
+    from indexer.kafka import membership
     from indexer.kafka.topics import ensure_topic
     from indexer.node import build_node
     from indexer.web.app import create_app
@@ -201,7 +202,7 @@ def serve(config_path, bootstrap_servers, port, host, data_dir, partitions, adve
     }
     settings = _settings(config_path, **overrides)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    ensure_topic(settings.kafka, settings.cluster.membership_topic, 1)
+    ensure_topic(settings.kafka, settings.cluster.membership_topic, 1, membership.TOPIC_CONFIGS)
     try:
         node = build_node(settings, replica=Replica(served))
     except (ModelNotAvailable, UnknownModel, ValueError) as e:
@@ -234,13 +235,14 @@ def route(config_path, bootstrap_servers, port, host) -> None:
     from aiohttp import web
 
     from indexer.generations import Generation
+    from indexer.kafka import membership
     from indexer.kafka.topics import ensure_topic
     from indexer.web.router import Router, create_router_app
 
     overrides = {"kafka.bootstrap_servers": bootstrap_servers, "api.port": port, "api.host": host}
     settings = _settings(config_path, **overrides)
     if settings.cluster.discover:
-        ensure_topic(settings.kafka, settings.cluster.membership_topic, 1)
+        ensure_topic(settings.kafka, settings.cluster.membership_topic, 1, membership.TOPIC_CONFIGS)
     generation = Generation.create(settings, _load_or_fail(settings, settings.models))
     router = Router(settings, generation)
     url = f"http://{settings.api.host}:{settings.api.port}"

@@ -36,6 +36,8 @@ from indexer.config import ClusterSettings, KafkaSettings
 log = logging.getLogger(__name__)
 
 ANNOUNCEMENT_VERSION = 1
+#: The membership topic keeps the newest announcement per URL (key), so a router starting up reads little.
+TOPIC_CONFIGS = {"cleanup.policy": "compact"}
 
 
 def now_ms() -> int:

@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from indexer.kafka.membership import Member, now_ms
 from indexer.web.fanout import Candidate, choose_generation, merge, plan
 
@@ -54,3 +56,11 @@ def test_merge_keeps_one_hit_per_record_with_its_best_score():
         ("p3", "products", 0.7),
         ("p2", "products", 0.5),
     ]
+
+
+def test_an_announcement_survives_the_round_trip_and_expires():
+    announced = member("http://a:1", "g2", [0, 3], retiring="g1")
+    assert Member.decode(announced.encode()) == announced
+    assert announced.alive() and not announced.alive(at_ms=announced.ts + 10_001)
+    with pytest.raises(ValueError):
+        Member.decode(b"\x93\x01\x02\x03")
