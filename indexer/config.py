@@ -216,6 +216,9 @@ class ClusterSettings(BaseModel):
     #: After a serve replica flips to a new generation it keeps answering from the old one for this long,
     #: so that a router keeps one generation for every partition until all replicas have flipped.
     retire_after_s: float = Field(120.0, ge=0)
+    #: How long the broker may hold a replica's fetch while no record is there: an upper bound on the wait
+    #: a new record can add before a replica sees it (docs/architecture.md, "Scale-out").
+    replica_fetch_wait_ms: int = Field(100, ge=0)
     #: The URL a serve node announces (default: http://<api.host>:<api.port>).
     advertise_url: str | None = None
     #: Serve nodes the router asks besides those announced on the membership topic.

@@ -184,6 +184,7 @@ class Generation:
                 self.restored_offsets,
                 thumbnails,
                 settings.ingest,
+                settings.cluster.replica_fetch_wait_ms,
             )
             self.consumer.start()
             return
