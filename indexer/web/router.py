@@ -417,6 +417,41 @@ async def stats(request: web.Request) -> web.Response:
     )
 
 
+class _RouterCollector:
+    """Read at scrape time: what the router counted, and the replicas it would ask now."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        help_texts = {
+            "queries": "searches fanned out to replicas",
+            "replica_failures": "replica answers that failed or came late (asked again elsewhere)",
+            "partial_answers": "answers with missing partitions",
+            "refused": "searches refused because partitions were missing (allow_partial off)",
+        }
+        for name, value in dict(self.router.counts).items():
+            yield CounterMetricFamily(f"lookstream_router_{name}", help_texts[name], value=value)
+        choice = self.router.choice()
+        yield GaugeMetricFamily("lookstream_router_ready_replicas", "ready replicas of the answering generation",
+                                value=len(choice.candidates))  # fmt: skip
+        yield GaugeMetricFamily(
+            "lookstream_router_missing_partitions", "partitions no ready replica serves", value=len(choice.missing)
+        )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from indexer.web.metrics import CONTENT_TYPE
+
+    registry = CollectorRegistry()
+    registry.register(_RouterCollector(request.app[ROUTER]))
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Ready when one generation's ready replicas, leaving out those that failed lately, cover every partition."""
     router = request.app[ROUTER]
@@ -456,6 +491,7 @@ def create_router_app(router: Router, *, reload_settings: Callable[[], Settings]
             web.get("/stats", stats),
             web.get("/healthz", ops.healthz),
             web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
             web.get("/openapi.json", openapi_document),
         ]
     )

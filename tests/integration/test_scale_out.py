@@ -294,6 +294,8 @@ async def test_a_failed_replica_is_retried_on_another_and_missing_partitions_are
     await querying
     assert failures == [] and answers > 10
     assert routing.counts["replica_failures"] > 0
+    scraped = await (await router.get("/metrics")).text()
+    assert f"lookstream_router_replica_failures_total {routing.counts['replica_failures']}.0" in scraped
 
     # No replica left for partitions 0 and 1: the answer says so, with the hits of partitions 2 and 3.
     full_url = str(full.make_url("")).rstrip("/")
