@@ -229,6 +229,14 @@ async def test_replicas_and_the_router_answer_as_a_single_node(
     assert_same_hits(merged, one)
     assert_same_hits((await json_of(await router.post("/search/vector", json=vector)))["hits"], one)
 
+    # A router given the replicas by URL instead of the membership topic answers the same.
+    urls = [{"url": str(c.make_url("")).rstrip("/")} for _, c in halves]
+    listed = {**cluster_settings.cluster.model_dump(), "discover": False, "replicas": urls}
+    static = Settings.model_validate({**cluster_settings.model_dump(), "cluster": listed})
+    static_router = await aiohttp_client(create_router_app(Router(static, Generation.create(static, default_models))))
+    await eventually(lambda: router_ready(static_router), timeout=30)
+    assert_same_hits((await json_of(await static_router.post("/search/vector", json=vector)))["hits"], one)
+
     # Record routes go to a replica holding the record.
     for path in ("/items/p3", "/items/look-2?collection=posts"):
         assert await json_of(await router.get(path)) == await json_of(await single.get(path))
