@@ -33,7 +33,13 @@ Failures (docs/reliability.md):
   failures such as a broker outage excepted) stops the consumer for good, and
   ``lookstream up`` exits non-zero so that a supervisor restarts it.
 
-Without a checkpointer (tests of the API alone) offsets are committed after each batch.
+Without a checkpointer (tests of the API alone, and the encoder) offsets are committed after each batch.
+
+The scale-out roles reuse this loop through four methods: ``_client_config``
+(the client's settings), ``_subscribe`` (how partitions are taken),
+``_operations`` (messages to operations, or dead letters) and ``_deliver``
+(where operations go). consumers/encoding.py publishes them to a records
+topic; consumers/replica.py reads that topic without a group.
 """
 
 from __future__ import annotations

@@ -141,15 +141,20 @@ class Node:
             new = self.building
             if new is None or not new.caught_up_with(self.active):
                 return False
-            old, self.active, self.building = self.active, new, None
-            _record_active(self.settings, new.selection)
+            old = self.active
             if self.replica is not None and self.settings.cluster.retire_after_s > 0:
-                # Routers may still ask for the old generation until every replica has flipped.
-                if self.retiring is not None:
-                    self.retiring.close()
-                self.retiring, self.retire_at = old, time.monotonic() + self.settings.cluster.retire_after_s
+                # Routers may still ask for the old generation until every replica has flipped. It is
+                # retiring before it stops being active, so that no query finds it in neither role (409).
+                previous, self.retiring = self.retiring, old
+                self.retire_at = time.monotonic() + self.settings.cluster.retire_after_s
+                self.active, self.building = new, None
+                if previous is not None:
+                    previous.close()
+                _record_active(self.settings, new.selection)
                 log.info("generation %s is active; %s answers routers that ask for it a while", new.id, old.id)
                 return True
+            self.active, self.building = new, None
+            _record_active(self.settings, new.selection)
             log.info("generation %s is active; %s retired", new.id, old.id)
             old.close()
         return True
