@@ -45,6 +45,8 @@ def steps(profile: str) -> dict[str, list[str]]:
         "models-cpu": ["benchmarks.models_throughput", "--device", "cpu"],
         "models-gpu": ["benchmarks.models_throughput", "--device", "cuda", "--scale", "8"],
         "gpu": ["benchmarks.gpu_search", "--sizes", *gpu_sizes],
+        # encoder processes 1/2/4, a replica catching up, freshness through encode/serve/route vs one node
+        "scale-out": ["benchmarks.scale_out", "--profile", profile],
     }
 
 

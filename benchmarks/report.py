@@ -444,6 +444,51 @@ CPU cores, same vectors and queries."""
     page.add(_table(header, rows))
 
 
+def _loads(loads: dict | None) -> str:
+    return ", ".join(f"{phase} {value}" for phase, value in (loads or {}).items()) or "not recorded"
+
+
+def _scale_out(page: Page, data: dict | None) -> None:
+    page.add("## Scale-out roles (`scale-out` step)")
+    if data is None or "encoders" not in data:
+        page.add("Not run.")
+        return
+    page.add(
+        f"""
+Every role a process on this machine ({data["cores"]} cores), the local broker. Encoders use the fixed-cost
+test encoder ({data["cost_ms_per_batch"]} ms per batch of {data["batch"]}, a wait: the shape of a GPU-bound
+model), so the rate shows how the role scales, not how fast this CPU encodes; the CPU work per event (decode,
+thumbnail, serialisation, the broker) is still shared by all the processes here. The machine's 1-minute load
+average as each phase ended: {_loads(data.get("load_average"))}."""
+    )
+    one = data["encoders"][0]["records_per_s"]
+    rows = [
+        [f"{r['encoders']} encoder(s)", f"{r['records_per_s']} records/s", f"{r['records_per_s'] / one:.2f}x", ""]
+        for r in data["encoders"]
+    ]
+    scaling = data["encoders_scaling_at_4"]
+    rows[-1][3] = f"goal ≥ 0.85 x linear: {scaling} {_met(scaling >= 0.85)}"
+    page.goal("4 encoders ≥ 0.85 x linear", str(scaling), scaling >= 0.85)
+    catch = data.get("catch_up")
+    if catch:
+        rows.append(
+            [
+                f"replica catch-up, {catch['records']:,} records of {catch['record_bytes']} B",
+                f"{catch['applied_per_s']} records/s",
+                f"ready {catch['start_to_ready_s']} s after start",
+                f"RSS {catch['replica_rss_mb']} MB",
+            ]
+        )
+    fresh = data.get("freshness")
+    if fresh:
+        for name in ("single", "replica", "router"):
+            f = fresh[name]
+            rows.append(
+                [f"freshness p50 / p99, {name}", f"{f['p50_ms']} / {f['p99_ms']} ms", f"{f['found']} events", ""]
+            )
+    page.add(_table(["measure", "figure", "", ""], rows))
+
+
 def write(results: Path, docs: Path) -> Path:
     page = Page(results, docs / "benchmarks")
     runs = _load(results, "runs") or {}
@@ -454,6 +499,7 @@ def write(results: Path, docs: Path) -> Path:
     _filters(page, _load(results, "filters"))
     _models(page, _load(results, "models-cpu"), _load(results, "models-gpu"))
     _gpu(page, _load(results, "gpu"))
+    _scale_out(page, _load(results, "scale-out"))
     machines = {json.dumps(r["machine"], sort_keys=True): r["machine"] for r in runs.values()}
     labels = {key: chr(ord("A") + i) for i, key in enumerate(machines)}
     run_rows = [

@@ -33,7 +33,13 @@ Failures (docs/reliability.md):
   failures such as a broker outage excepted) stops the consumer for good, and
   ``lookstream up`` exits non-zero so that a supervisor restarts it.
 
-Without a checkpointer (tests of the API alone) offsets are committed after each batch.
+Without a checkpointer (tests of the API alone, and the encoder) offsets are committed after each batch.
+
+The scale-out roles reuse this loop through four methods: ``_client_config``
+(the client's settings), ``_subscribe`` (how partitions are taken),
+``_operations`` (messages to operations, or dead letters) and ``_deliver``
+(where operations go). consumers/encoding.py publishes them to a records
+topic; consumers/replica.py reads that topic without a group.
 """
 
 from __future__ import annotations
@@ -115,8 +121,8 @@ class IndexingConsumer:
     def __init__(
         self,
         kafka: KafkaSettings,
-        pipeline: Pipeline,
-        shards: ShardSet,
+        pipeline: Pipeline | None,
+        shards: ShardSet | None,
         stats: IngestStats,
         checkpointer: Checkpointer | None = None,
         restored_offsets: dict[str, int] | None = None,
@@ -175,19 +181,33 @@ class IndexingConsumer:
                 log.exception("the consumer loop failed; restarting it in %.0f s", delay)
                 stop.wait(delay)
 
-    def _consume(self, stop: threading.Event) -> None:
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap_servers,
-            group_id=self.kafka.group_id,
-            client_id="lookstream-indexer",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=self.kafka.session_timeout_ms,
-            heartbeat_interval_ms=self.kafka.heartbeat_interval_ms,
-            max_poll_records=self.kafka.max_poll_records,
-            fetch_max_bytes=max(self.kafka.max_message_bytes, 50 * 1024 * 1024),
-            max_partition_fetch_bytes=self.kafka.max_message_bytes,
+    #: The Kafka client id; subclasses (the encoder, a serve replica) name themselves.
+    client_id = "lookstream-indexer"
+
+    def _client_config(self) -> dict:
+        """The KafkaConsumer's settings."""
+        return {
+            "bootstrap_servers": self.kafka.bootstrap_servers,
+            "group_id": self.kafka.group_id,
+            "client_id": self.client_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "session_timeout_ms": self.kafka.session_timeout_ms,
+            "heartbeat_interval_ms": self.kafka.heartbeat_interval_ms,
+            "max_poll_records": self.kafka.max_poll_records,
+            "fetch_max_bytes": max(self.kafka.max_message_bytes, 50 * 1024 * 1024),
+            "max_partition_fetch_bytes": self.kafka.max_message_bytes,
+        }
+
+    def _subscribe(self, consumer: KafkaConsumer) -> None:
+        """Join the group on the product and post topics; partitions come and go with rebalances."""
+        consumer.subscribe(
+            [self.kafka.topics.products, self.kafka.topics.posts],
+            listener=_CheckpointingListener(self, consumer),
         )
+
+    def _consume(self, stop: threading.Event) -> None:
+        consumer = KafkaConsumer(**self._client_config())
         try:
             producer = KafkaProducer(
                 bootstrap_servers=self.kafka.bootstrap_servers,
@@ -200,10 +220,7 @@ class IndexingConsumer:
             consumer.close(autocommit=False)
             raise
         try:
-            consumer.subscribe(
-                [self.kafka.topics.products, self.kafka.topics.posts],
-                listener=_CheckpointingListener(self, consumer),
-            )
+            self._subscribe(consumer)
             while not stop.is_set():
                 batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
                 self._after_poll(consumer)
@@ -214,7 +231,8 @@ class IndexingConsumer:
                         self.health.progressed()
                         if self.checkpointer is None:
                             self._commit(consumer, self._last_offsets(records))
-                    self.shards.maintain()
+                    if self.shards is not None:
+                        self.shards.maintain()
                     self._checkpoint_on_schedule(consumer)
                     self._answer_checkpoint_requests(consumer)
                     if records:
@@ -315,6 +333,34 @@ class IndexingConsumer:
             log.warning("committing offsets failed (%s); the checkpoint holds them, the next commit retries", e)
 
     def _index(self, records: list[ConsumerRecord], producer: KafkaProducer) -> None:
+        ops, sources, dead = self._operations(records)
+        self._send_dead_letters(dead, producer)
+        searchable_at = self._deliver(ops, sources, producer)
+        offsets = self._last_offsets(records)
+        self.applied.update(offsets)
+        self.stats.record_batch(
+            consumed=len(records),
+            indexed=sum(isinstance(op, Upsert) for op in ops),
+            deleted=sum(isinstance(op, Delete) for op in ops),
+            rejected=[d.kind for d in dead],
+            offsets={f"{tp.topic}/{tp.partition}": offset for tp, offset in offsets.items()},
+            # from each event's producer timestamp to now: how stale the index was; events
+            # produced before this consumer started are replays and counted apart
+            freshness_ms=[(searchable_at - op.ts, op.ts < self.started_ms) for op in ops],
+        )
+
+    def _deliver(self, ops: list[Upsert | Delete], sources: list[ConsumerRecord], producer: KafkaProducer) -> int:
+        """Make a batch's operations take effect (here: apply them to the shards); the moment they did, in ms."""
+        self.shards.apply(ops)
+        searchable_at = now_ms()
+        if self.thumbnails is not None:
+            store_thumbnails(self.thumbnails, ops)
+        return searchable_at
+
+    def _operations(
+        self, records: list[ConsumerRecord]
+    ) -> tuple[list[Upsert | Delete], list[ConsumerRecord], list[DeadLetter]]:
+        """Decode and run the pipeline: each message's operation (with the message it came from), or its dead letter."""
         dead: list[DeadLetter] = []
         events, sources = [], []
         for record in records:
@@ -339,29 +385,14 @@ class IndexingConsumer:
             sources.append(record)
 
         ops: list[Upsert | Delete] = []
+        op_sources: list[ConsumerRecord] = []
         for record, outcome in zip(sources, self.pipeline.process(events), strict=True):
             if isinstance(outcome, Rejected):
                 dead.append(DeadLetter(record, outcome.kind, outcome.detail))
             else:
                 ops.append(outcome)
-
-        self._send_dead_letters(dead, producer)
-        self.shards.apply(ops)
-        searchable_at = now_ms()
-        if self.thumbnails is not None:
-            store_thumbnails(self.thumbnails, ops)
-        offsets = self._last_offsets(records)
-        self.applied.update(offsets)
-        self.stats.record_batch(
-            consumed=len(records),
-            indexed=sum(isinstance(op, Upsert) for op in ops),
-            deleted=sum(isinstance(op, Delete) for op in ops),
-            rejected=[d.kind for d in dead],
-            offsets={f"{tp.topic}/{tp.partition}": offset for tp, offset in offsets.items()},
-            # from each event's producer timestamp to now: how stale the index was; events
-            # produced before this consumer started are replays and counted apart
-            freshness_ms=[(searchable_at - op.ts, op.ts < self.started_ms) for op in ops],
-        )
+                op_sources.append(record)
+        return ops, op_sources, dead
 
     def _send_dead_letters(self, dead: list[DeadLetter], producer: KafkaProducer) -> None:
         """Send and wait for the broker's acknowledgement: a batch counts as applied only after it."""

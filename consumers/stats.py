@@ -16,6 +16,9 @@ class IngestStats:
     rejected: Counter = field(default_factory=Counter)  # reason kind -> count
     #: "topic/partition" -> next offset to read (the last applied offset + 1)
     offsets: dict[str, int] = field(default_factory=dict)
+    #: On a serve replica: event "topic/partition" -> the next source offset after the newest record applied
+    #: from it, so that a new generation's replica knows when it holds what the active one does.
+    sources: dict[str, int] = field(default_factory=dict)
     #: event ts -> searchable, in ms, for the newest live event of the last batch and the slowest
     #: live one ever; replays (events older than the consumer) do not count
     freshness_ms_last: int | None = None
@@ -61,7 +64,13 @@ class IngestStats:
                 "indexed": self.indexed,
                 "deleted": self.deleted,
                 "rejected": dict(self.rejected),
+                **({"sources": dict(self.sources)} if self.sources else {}),
             }
+
+    def record_sources(self, sources: dict[str, int]) -> None:
+        with self._lock:
+            for name, offset in sources.items():
+                self.sources[name] = max(self.sources.get(name, 0), offset)
 
     def restore(self, counters: dict) -> None:
         with self._lock:
@@ -69,6 +78,7 @@ class IngestStats:
             self.indexed = counters.get("indexed", 0)
             self.deleted = counters.get("deleted", 0)
             self.rejected = Counter(counters.get("rejected", {}))
+            self.sources = dict(counters.get("sources", {}))
 
     def snapshot(self) -> dict:
         with self._lock:

@@ -1,4 +1,4 @@
-"""The ``lookstream`` command: run a node, a local broker, publish folders, list plugins."""
+"""The ``lookstream`` command: run a node (or one scale-out role), a local broker, publish folders, list plugins."""
 
 from __future__ import annotations
 
@@ -99,6 +99,164 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
         if broker is not None:
             click.echo("stopping the local broker")
             broker.stop()
+
+
+def _partition_list(value: str | None) -> tuple[int, ...] | None:
+    """ "0,2-5" -> (0, 2, 3, 4, 5); None stays None (every partition)."""
+    if value is None:
+        return None
+    partitions: set[int] = set()
+    try:
+        for part in value.split(","):
+            low, dash, high = part.strip().partition("-")
+            partitions.update(range(int(low), int(high if dash else low) + 1))
+    except ValueError as e:
+        raise click.BadParameter(f"expected partitions like 0,2-5, got {value!r}") from e
+    if not partitions or min(partitions) < 0:
+        raise click.BadParameter(f"expected partitions like 0,2-5, got {value!r}")
+    return tuple(sorted(partitions))
+
+
+def _load_or_fail(settings: Settings, selection):
+    from indexer import generations
+    from plugins.models import ModelNotAvailable
+    from plugins.registry import UnknownModel
+
+    try:
+        return generations.load(settings, selection)
+    except (ModelNotAvailable, UnknownModel, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _records_topic_configs(settings: Settings) -> dict[str, str]:
+    """Compacted (the newest record per key is all a replica needs; deletes are records, so they stay)."""
+    return {"cleanup.policy": "compact", "max.message.bytes": str(settings.kafka.produce_request_bytes)}
+
+
+@main.command()
+@config_option
+@click.option("--bootstrap-servers", help="HOST:PORT of the Kafka cluster (default: the config's).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model files are cached.")
+def encode(config_path, bootstrap_servers, data_dir) -> None:
+    """Encoder role: events in, records out (one consumer group; run any number of these)."""
+    from consumers.encoding import EncodingConsumer, encoder_group
+    from indexer.generations import Generation
+    from indexer.kafka.topics import ensure_topic, ensure_topics
+
+    settings = _settings(config_path, **{"kafka.bootstrap_servers": bootstrap_servers, "data_dir": data_dir})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_topics(settings.kafka)
+    generation = Generation.create(settings, _load_or_fail(settings, settings.models))
+    topic = generation.records_topic(settings)
+    ensure_topic(settings.kafka, topic, settings.cluster.records_partitions, _records_topic_configs(settings))
+    kafka = settings.kafka.model_copy(update={"group_id": encoder_group(settings.kafka.group_id, generation.id)})
+    consumer = EncodingConsumer(
+        kafka, settings.cluster, generation.pipeline, generation.stats, generation.id, topic, settings.ingest
+    )
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    click.echo(
+        f"lookstream encode: generation {generation.id}, group {kafka.group_id}, "
+        f"Kafka {kafka.bootstrap_servers} -> {topic}  (Ctrl-C to stop)"
+    )
+    consumer.start()
+    try:
+        while not done.wait(10) and consumer.running:
+            counts = generation.stats.snapshot()
+            log.info("encoded %d, deleted %d, rejected %d", counts["indexed"], counts["deleted"], counts["rejected"])
+    finally:
+        consumer.stop()
+        generation.close()
+    if consumer.health.gave_up:
+        raise click.ClickException(f"encoding stopped: {consumer.health.gave_up}")
+
+
+@main.command()
+@config_option
+@click.option("--bootstrap-servers", help="HOST:PORT of the Kafka cluster (default: the config's).")
+@click.option("--port", type=int, help="HTTP port of the query API (default 8080).")
+@click.option("--host", help="HTTP interface (default 127.0.0.1).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the node keeps its files.")
+@click.option("--partitions", help="Records-topic partitions to serve, e.g. 0,2-5 (default: all).")
+@click.option("--advertise-url", help="The URL routers reach this node at (default http://HOST:PORT).")
+def serve(config_path, bootstrap_servers, port, host, data_dir, partitions, advertise_url) -> None:
+    """Serve-replica role: records in, the whole HTTP API out; announces itself to routers."""
+    from aiohttp import web
+
+    from indexer.generations import Replica
+    from indexer.kafka import membership
+    from indexer.kafka.topics import ensure_topic
+    from indexer.node import build_node
+    from indexer.web.app import create_app
+    from plugins.models import ModelNotAvailable
+    from plugins.registry import UnknownModel
+
+    served = _partition_list(partitions)
+    overrides = {
+        "kafka.bootstrap_servers": bootstrap_servers,
+        "api.port": port,
+        "api.host": host,
+        "data_dir": data_dir,
+        "cluster.advertise_url": advertise_url,
+    }
+    settings = _settings(config_path, **overrides)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_topic(settings.kafka, settings.cluster.membership_topic, 1, membership.TOPIC_CONFIGS)
+    try:
+        node = build_node(settings, replica=Replica(served))
+    except (ModelNotAvailable, UnknownModel, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    for generation in node.generations():
+        topic = generation.records_topic(settings)
+        ensure_topic(settings.kafka, topic, settings.cluster.records_partitions, _records_topic_configs(settings))
+    url = settings.cluster.advertise_url or f"http://{settings.api.host}:{settings.api.port}"
+    which = "all partitions" if served is None else f"partitions {','.join(map(str, served))}"
+    web.run_app(
+        create_app(node, reload_settings=lambda: _settings(config_path, **overrides), announce_url=url),
+        host=settings.api.host,
+        port=settings.api.port,
+        print=lambda _: click.echo(
+            f"lookstream serve: generation {node.active.id}, {which} of "
+            f"{node.active.records_topic(settings)}, API on {url}  (Ctrl-C to stop)"
+        ),
+    )
+    if node.fatal is not None:
+        raise click.ClickException(f"ingestion stopped: {node.fatal}")
+
+
+@main.command()
+@config_option
+@click.option("--bootstrap-servers", help="HOST:PORT of the Kafka cluster (default: the config's).")
+@click.option("--port", type=int, help="HTTP port of the query API (default 8080).")
+@click.option("--host", help="HTTP interface (default 127.0.0.1).")
+def route(config_path, bootstrap_servers, port, host) -> None:
+    """Router role: the HTTP API, each query fanned out to one ready replica per partition set."""
+    from aiohttp import web
+
+    from indexer.generations import Generation
+    from indexer.kafka import membership
+    from indexer.kafka.topics import ensure_topic
+    from indexer.web.router import Router, create_router_app
+
+    overrides = {"kafka.bootstrap_servers": bootstrap_servers, "api.port": port, "api.host": host}
+    settings = _settings(config_path, **overrides)
+    if settings.cluster.discover:
+        ensure_topic(settings.kafka, settings.cluster.membership_topic, 1, membership.TOPIC_CONFIGS)
+    generation = Generation.create(settings, _load_or_fail(settings, settings.models))
+    router = Router(settings, generation)
+    url = f"http://{settings.api.host}:{settings.api.port}"
+    found = "the membership topic" if settings.cluster.discover else ""
+    if settings.cluster.replicas:
+        found += (" and " if found else "") + f"{len(settings.cluster.replicas)} listed replicas"
+    web.run_app(
+        create_router_app(router, reload_settings=lambda: _settings(config_path, **overrides)),
+        host=settings.api.host,
+        port=settings.api.port,
+        print=lambda _: click.echo(
+            f"lookstream route: generation {generation.id}, replicas from {found}, API on {url}  (Ctrl-C to stop)"
+        ),
+    )
 
 
 @main.command()

@@ -207,6 +207,56 @@ class ShardSettings(BaseModel):
         return self.vectors.get(collection, "float32")
 
 
+class Replica(BaseModel):
+    """One serve node the router may ask, as listed in ``[[cluster.replicas]]`` (instead of, or besides, membership)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+
+
+class ClusterSettings(BaseModel):
+    """The scale-out roles: encoders publish records, serve replicas index them, a router fans queries out.
+
+    docs/deploy.md says how to run them; docs/architecture.md, "Scale-out", why they work so.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Records topics are ``<records_topic_prefix>.<generation id>``: one per model generation.
+    records_topic_prefix: str = "lookstream.records"
+    #: Partitions of the records topics the encoders create (fixed: a record's key decides its partition).
+    records_partitions: int = Field(4, ge=1)
+    #: "float32" keeps vectors exact; "float16" halves them (docs/deploy.md, "Records topic").
+    vector_dtype: Literal["float32", "float16"] = "float32"
+    #: Compression of record batches the encoders produce (Kafka's codecs; None for none).
+    compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = "lz4"
+    #: Serve nodes announce themselves here; routers read it to find them.
+    membership_topic: str = "lookstream.members"
+    announce_interval_s: float = Field(2.0, gt=0)
+    #: A member not heard from for this long is forgotten.
+    member_ttl_s: float = Field(10.0, gt=0)
+    #: After a serve replica flips to a new generation it keeps answering from the old one for this long,
+    #: so that a router keeps one generation for every partition until all replicas have flipped.
+    retire_after_s: float = Field(120.0, ge=0)
+    #: How long the broker may hold a replica's fetch while no record is there: an upper bound on the wait
+    #: a new record can add before a replica sees it (docs/architecture.md, "Scale-out").
+    replica_fetch_wait_ms: int = Field(100, ge=0)
+    #: The URL a serve node announces (default: http://<api.host>:<api.port>).
+    advertise_url: str | None = None
+    #: Serve nodes the router asks besides those announced on the membership topic.
+    replicas: tuple[Replica, ...] = ()
+    #: Whether the router reads the membership topic (off: only ``replicas``).
+    discover: bool = True
+    #: The router's deadline for one replica's answer; a late one is retried on another replica.
+    replica_timeout_s: float = Field(2.0, gt=0)
+    #: A replica that failed a query is asked only when no other can answer, for this long.
+    bench_s: float = Field(5.0, ge=0)
+    #: Without a replica for some partitions: answer with the others' hits and name the missing
+    #: partitions (True), or refuse with 503 (False).
+    allow_partial: bool = True
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -217,6 +267,7 @@ class Settings(BaseModel):
     images: ImageSettings = ImageSettings()
     ingest: IngestSettings = IngestSettings()
     shards: ShardSettings = ShardSettings()
+    cluster: ClusterSettings = ClusterSettings()
     disabled_plugins: tuple[str, ...] = ()
 
     @classmethod

@@ -20,6 +20,8 @@ from typing import Any
 from PIL import Image
 
 from consumers.indexing import IndexingConsumer
+from consumers.records_topic import topic_name
+from consumers.replica import ReplicaConsumer
 from consumers.stats import IngestStats
 from indexer.config import ModelSettings, Settings
 from indexer.events import COLLECTIONS
@@ -88,6 +90,16 @@ def generation_id(ident: dict[str, Any]) -> str:
     return re.sub(r"[^a-zA-Z0-9_.-]+", "-", f"{ident['encoder']}-{digest}")
 
 
+@dataclass(frozen=True)
+class Replica:
+    """How a serve replica's generations are fed: from the generation's records topic, not from the events.
+
+    ``partitions``: the records-topic partitions served; None for all of them.
+    """
+
+    partitions: tuple[int, ...] | None = None
+
+
 @dataclass
 class Generation:
     id: str
@@ -103,10 +115,18 @@ class Generation:
     restored_from: str | None = None
     skipped_checkpoints: list[str] = field(default_factory=list)
     consumer: IndexingConsumer | None = None
+    #: set on a serve replica: the generation applies records from its records topic
+    replica: Replica | None = None
 
     @classmethod
     def create(
-        cls, settings: Settings, models: Models, selection: ModelSettings | None = None, *, durable: bool = False
+        cls,
+        settings: Settings,
+        models: Models,
+        selection: ModelSettings | None = None,
+        *,
+        durable: bool = False,
+        replica: Replica | None = None,
     ) -> Generation:
         """Empty shards for these models; with ``durable``, restored from this generation's newest checkpoint."""
         selection = selection or settings.models
@@ -120,10 +140,24 @@ class Generation:
         backend = backends.choose(s.backend)
         ident = identity(models, selection)
         generation = cls(generation_id(ident), selection, models, pipeline, ShardSet(models.encoder.dim, s, backend))
+        generation.replica = replica
         if durable:
             root = settings.data_dir / "checkpoints" / generation.id
             generation.checkpointer = Checkpointer(root, ident, s.checkpoint_interval_s)
             restored = load_latest(root, ident, s, backend, generation.skipped_checkpoints)
+            topic = generation.records_topic(settings)
+            if restored is not None and not _fits(replica, topic, checkpoint_offsets := restored[0].offsets):
+                # Records of partitions this replica does not follow would stay in its shards, never updated.
+                log.warning(
+                    "checkpoint %s holds %s, not only partitions of %s served here (%s): starting empty",
+                    restored[0].path.name,
+                    sorted(checkpoint_offsets),
+                    topic,
+                    "all" if replica.partitions is None else list(replica.partitions),
+                )
+                restored[1].close()
+                generation.skipped_checkpoints.append(restored[0].path.name)
+                restored = None
             if restored is not None:
                 checkpoint, generation.shards = restored
                 generation.restored_from = checkpoint.path.name
@@ -134,7 +168,26 @@ class Generation:
     def has_checkpoint(self) -> bool:
         return bool(self.restored_offsets) or (self.checkpointer is not None and self.checkpointer.last is not None)
 
+    def records_topic(self, settings: Settings) -> str:
+        """This generation's records topic (written by encoders, read by serve replicas)."""
+        return topic_name(settings.cluster.records_topic_prefix, self.id)
+
     def start_consumer(self, settings: Settings, thumbnails: ThumbnailStore | None = None) -> None:
+        if self.replica is not None:
+            self.consumer = ReplicaConsumer(
+                settings.kafka,
+                self.records_topic(settings),
+                self.replica.partitions,
+                self.shards,
+                self.stats,
+                self.checkpointer,
+                self.restored_offsets,
+                thumbnails,
+                settings.ingest,
+                settings.cluster.replica_fetch_wait_ms,
+            )
+            self.consumer.start()
+            return
         kafka = settings.kafka.model_copy(update={"group_id": f"{settings.kafka.group_id}.{self.id}"})
         self.consumer = IndexingConsumer(
             kafka,
@@ -157,6 +210,11 @@ class Generation:
         mine, theirs = self.consumer, other.consumer
         if mine is None or not mine.assigned.is_set():
             return False
+        if self.replica is not None:
+            # Two records topics have offsets of their own: compare the events each replica's records came from.
+            target = other.stats.counters().get("sources", {})
+            applied = self.stats.counters().get("sources", {})
+            return all(applied.get(name, -1) >= offset for name, offset in target.items())
         target = dict(theirs.applied) if theirs is not None else {}
         applied = dict(mine.applied)
         return all(applied.get(tp, -1) >= offset for tp, offset in target.items())
@@ -187,3 +245,17 @@ class Generation:
         self.shards.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
+
+
+def _fits(replica: Replica | None, records_topic: str, offsets: dict[str, int]) -> bool:
+    """Whether a checkpoint with these offsets holds only records-topic partitions this replica follows.
+
+    A node that indexes events (``lookstream up``) checkpoints event-topic offsets: those do not fit a replica.
+    """
+    if replica is None:
+        return True
+    for name in offsets:
+        topic, _, partition = name.rpartition("/")
+        if topic != records_topic or (replica.partitions is not None and int(partition) not in replica.partitions):
+            return False
+    return True

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from indexer import generations
 from indexer.config import ModelSettings, Settings
-from indexer.generations import Generation
+from indexer.generations import Generation, Replica
 from indexer.store.thumbnails import ThumbnailStore
 from plugins.manager import Models
 
@@ -30,16 +31,22 @@ class Node:
     def __init__(self, settings: Settings, active: Generation) -> None:
         self.settings = settings
         self.active = active
+        #: set on a serve replica (``lookstream serve``): generations apply records, not events
+        self.replica: Replica | None = active.replica
         self.building: Generation | None = None
+        #: on a serve replica, the generation it answered from before its last flip, kept for routers
+        #: that still ask for it until ``retire_at`` (monotonic seconds; docs/architecture.md, "Scale-out")
+        self.retiring: Generation | None = None
+        self.retire_at = 0.0
         self.thumbnails = ThumbnailStore(settings.data_dir / "thumbnails")
         self._freshness_observer: Callable[[float, str], None] | None = None
         self._ingesting = False
         self._switch_lock = threading.Lock()
 
     @classmethod
-    def create(cls, settings: Settings, models: Models) -> Node:
+    def create(cls, settings: Settings, models: Models, replica: Replica | None = None) -> Node:
         """A node over empty, in-memory shards (tests, evaluation)."""
-        return cls(settings, Generation.create(settings, models))
+        return cls(settings, Generation.create(settings, models, replica=replica))
 
     def observe_freshness(self, observer: Callable[[float, str], None]) -> None:
         """Feed every generation's per-event freshness to ``observer`` (the /metrics histogram).
@@ -82,7 +89,23 @@ class Node:
             generation.stop_consumer()
 
     def generations(self) -> list[Generation]:
-        return [g for g in (self.active, self.building) if g is not None]
+        return [g for g in (self.active, self.building, self.retiring) if g is not None]
+
+    def answering(self, generation_id: str) -> Generation | None:
+        """The generation with this id if this node answers from it (the active one, or one retiring)."""
+        for generation in (self.active, self.retiring):
+            if generation is not None and generation.id == generation_id:
+                return generation
+        return None
+
+    def retire_if_due(self) -> None:
+        with self._switch_lock:
+            old = self.retiring
+            if old is None or time.monotonic() < self.retire_at:
+                return
+            self.retiring = None
+        log.info("generation %s retired", old.id)
+        old.close()
 
     def switch(self, selection: ModelSettings) -> Generation | None:
         """Start a generation for this model selection; None if it is already active or building.
@@ -90,11 +113,13 @@ class Node:
         Loading models is slow: call this off the event loop.
         """
         with self._switch_lock:
-            for generation in self.generations():
-                if generations.same_models(generation.selection, selection):
+            for generation in (self.active, self.building):
+                if generation is not None and generations.same_models(generation.selection, selection):
                     return None
             models = generations.load(self.settings, selection)
-            new = Generation.create(self.settings, models, selection, durable=self.active.checkpointer is not None)
+            new = Generation.create(
+                self.settings, models, selection, durable=self.active.checkpointer is not None, replica=self.replica
+            )
             self._observe(new)
             previous, self.building = self.building, new
             if previous is not None:
@@ -116,7 +141,19 @@ class Node:
             new = self.building
             if new is None or not new.caught_up_with(self.active):
                 return False
-            old, self.active, self.building = self.active, new, None
+            old = self.active
+            if self.replica is not None and self.settings.cluster.retire_after_s > 0:
+                # Routers may still ask for the old generation until every replica has flipped. It is
+                # retiring before it stops being active, so that no query finds it in neither role (409).
+                previous, self.retiring = self.retiring, old
+                self.retire_at = time.monotonic() + self.settings.cluster.retire_after_s
+                self.active, self.building = new, None
+                if previous is not None:
+                    previous.close()
+                _record_active(self.settings, new.selection)
+                log.info("generation %s is active; %s answers routers that ask for it a while", new.id, old.id)
+                return True
+            self.active, self.building = new, None
             _record_active(self.settings, new.selection)
             log.info("generation %s is active; %s retired", new.id, old.id)
             old.close()
@@ -138,8 +175,8 @@ def _record_active(settings: Settings, selection: ModelSettings) -> None:
     os.replace(tmp, path)
 
 
-def build_node(settings: Settings, *, durable: bool = True) -> Node:
-    """The node for these settings.
+def build_node(settings: Settings, *, durable: bool = True, replica: Replica | None = None) -> Node:
+    """The node for these settings; with ``replica``, a serve replica fed by the records topics.
 
     Durable: shards are checkpointed under the data dir and restored. If the
     config now selects other models than the generation that answered last,
@@ -148,17 +185,22 @@ def build_node(settings: Settings, *, durable: bool = True) -> Node:
     """
     desired = settings.models
     if not durable:
-        return Node(settings, Generation.create(settings, generations.load(settings, desired)))
+        return Node(settings, Generation.create(settings, generations.load(settings, desired), replica=replica))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     recorded_path = settings.data_dir / ACTIVE_FILE
     recorded = ModelSettings.model_validate_json(recorded_path.read_text()) if recorded_path.exists() else None
     if recorded is not None and not generations.same_models(recorded, desired):
-        previous = Generation.create(settings, generations.load(settings, recorded), recorded, durable=True)
+        previous = Generation.create(
+            settings, generations.load(settings, recorded), recorded, durable=True, replica=replica
+        )
         if previous.has_checkpoint():
             node = Node(settings, previous)
             node.switch(desired)
             return node
         previous.close()
-    node = Node(settings, Generation.create(settings, generations.load(settings, desired), desired, durable=True))
+    node = Node(
+        settings,
+        Generation.create(settings, generations.load(settings, desired), desired, durable=True, replica=replica),
+    )
     _record_active(settings, desired)
     return node

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +49,12 @@ class Where:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def facets(hits: list[Hit], attributes: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """Per keyword attribute, how many of the hits have each value (as filters match it), most first."""
+def facets(attrs: Iterable[dict[str, Any]], attributes: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Per keyword attribute, how many of these hits' attrs have each value (as filters match it), most first."""
+    attrs = list(attrs)
     out = {}
     for name in attributes:
-        counts = Counter(v for v in (keyword_value(h.attrs.get(name)) for h in hits) if v is not None)
+        counts = Counter(v for v in (keyword_value(a.get(name)) for a in attrs) if v is not None)
         out[name] = dict(counts.most_common())
     return out
 
@@ -101,19 +102,21 @@ class Stopwatch:
 PHOTO_KINDS = {"product": "products", "street": "posts"}
 
 
-def search_image(
-    pipeline: Pipeline,
-    shards: ShardSet,
-    images: ImageSettings,
-    data: bytes,
-    k: int,
-    where: Where,
-    photo: str = "product",
-) -> QueryResult:
-    """Hits per detected item, and for the whole image; raises InvalidImage for bytes that are not one.
+@dataclass(frozen=True)
+class AnalysedQuery:
+    """A query image through the models: its items (with their vectors) and the whole image's vector."""
 
-    ``photo`` says what the query image is, so that it is detected as its kind
-    is indexed: "product" (a catalog thumbnail) or "street" (a photo like a post).
+    items: list  # the pipeline's analysed items: box, label, category, score, vector
+    whole: np.ndarray
+    size: tuple[int, int]  # width, height of the query image
+    clock: Stopwatch
+
+
+def analyse_image(pipeline: Pipeline, images: ImageSettings, data: bytes, photo: str = "product") -> AnalysedQuery:
+    """Decode, detect, encode and classify a query image exactly as indexed images are; search nothing yet.
+
+    The router (indexer/web/router.py) does this once per query and sends the
+    vectors to the replicas; a node goes on with :func:`search_image`.
     """
     clock = Stopwatch()
     with clock.stage("decode"):
@@ -128,13 +131,32 @@ def search_image(
     if whole is None:  # the detector found garments, not the whole image: one more encoder pass
         with clock.stage("encode"):
             whole = pipeline.encode([decoded.image])[0]
+    return AnalysedQuery(items, whole, decoded.original_size, clock)
+
+
+def search_image(
+    pipeline: Pipeline,
+    shards: ShardSet,
+    images: ImageSettings,
+    data: bytes,
+    k: int,
+    where: Where,
+    photo: str = "product",
+) -> QueryResult:
+    """Hits per detected item, and for the whole image; raises InvalidImage for bytes that are not one.
+
+    ``photo`` says what the query image is, so that it is detected as its kind
+    is indexed: "product" (a catalog thumbnail) or "street" (a photo like a post).
+    """
+    query = analyse_image(pipeline, images, data, photo)
+    clock = query.clock
     with clock.stage("search"):
         results = [
             QueryItem(item.box, item.label, item.category, item.score, _search(shards, item.vector, k, where))
-            for item in items
+            for item in query.items
         ]
-        hits = _search(shards, whole, k, where)
-    return QueryResult(results, hits, clock.total(), decoded.original_size)
+        hits = _search(shards, query.whole, k, where)
+    return QueryResult(results, hits, clock.total(), query.size)
 
 
 def search_vector(shards: ShardSet, vector: np.ndarray, k: int, where: Where) -> list[Hit]:

@@ -42,3 +42,19 @@ def ensure_topics(kafka: KafkaSettings) -> None:
                 pass  # another node created it first
     finally:
         admin.close()
+
+
+def ensure_topic(kafka: KafkaSettings, name: str, partitions: int, configs: dict[str, str] | None = None) -> None:
+    """Create one topic (a records topic, the membership topic) if it is missing; an existing one is kept."""
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, client_id="lookstream-admin")
+    try:
+        if name in set(admin.list_topics()):
+            return
+        topic = NewTopic(name, partitions, kafka.replication_factor, topic_configs=configs or {})
+        try:
+            admin.create_topics([topic])
+            log.info("created topic %s with %d partitions", name, partitions)
+        except TopicAlreadyExistsError:
+            pass  # another node created it first
+    finally:
+        admin.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from indexer.config import Settings
+from indexer.kafka.membership import Announcer, Member, now_ms
 from indexer.node import Node
+from indexer.web import ops
 from indexer.web.errors import json_errors
 from indexer.web.keys import CONSUMING, METRICS, NODE, ON_FATAL, RELOAD, WORKERS
 from indexer.web.metrics import Metrics
@@ -36,6 +39,7 @@ def create_app(
     consume: bool = True,
     reload_settings: Callable[[], Settings] | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    announce_url: str | None = None,
 ) -> web.Application:
     """The HTTP app of ``node``; ``consume`` runs the node's consumers for the app's lifetime.
 
@@ -46,6 +50,9 @@ def create_app(
 
     ``reload_settings`` (the CLI passes one that re-reads the config file) is
     called on SIGHUP: new model settings start a new generation.
+
+    ``announce_url``: a serve replica announces itself under this URL on the
+    membership topic for the app's lifetime (indexer/kafka/membership.py).
     """
     app = web.Application(client_max_size=node.settings.api.max_request_bytes, middlewares=[json_errors])
     app[NODE] = node
@@ -56,6 +63,8 @@ def create_app(
     add_routes(app)
     if consume:
         app.cleanup_ctx.append(_ingest)
+    if announce_url is not None:
+        app.cleanup_ctx.append(functools.partial(_announce, url=announce_url))
     if reload_settings is not None:
         app[RELOAD] = reload_settings
         app.on_startup.append(_reload_on_sighup)
@@ -88,6 +97,32 @@ async def _watch_generations(node: Node, on_fatal: Callable[[str], None]) -> Non
             return
         if node.building is not None:
             await loop.run_in_executor(None, node.flip_if_caught_up)
+        if node.retiring is not None:
+            await loop.run_in_executor(None, node.retire_if_due)
+
+
+async def _announce(app: web.Application, url: str) -> AsyncIterator[None]:
+    """Tell routers about this replica while it runs; say goodbye at shutdown, before the consumers stop."""
+    node = app[NODE]
+    cluster = node.settings.cluster
+
+    def describe() -> Member:
+        served = ops.serving(node)
+        return Member(
+            url,
+            served["generation"],
+            tuple(served.get("partitions", ())),
+            served.get("total_partitions"),
+            not ops.problems(app),
+            now_ms(),
+            int(cluster.member_ttl_s * 1000),
+            served.get("retiring"),
+        )
+
+    announcer = Announcer(node.settings.kafka, cluster, describe)
+    announcer.start()
+    yield
+    await asyncio.get_running_loop().run_in_executor(None, announcer.stop)
 
 
 def _stop_running_app(reason: str) -> None:

@@ -26,16 +26,22 @@ async def item(request: web.Request) -> web.Response:
     if metas is None:
         raise error(web.HTTPNotFound, f"no {name} record with id {record_id!r}")
     first = metas[0] if metas else None
+    items = [
+        {"item": m.item, "category": m.category, "label": m.label, "score": m.score, "box": list(m.box)} for m in metas
+    ]
+    if request.query.get("vectors") in ("1", "true"):  # a router's "more like this" (indexer/web/router.py)
+        stored = node.active.shards.record_vectors(name, record_id) or []
+        vectors = {meta.item: vector for meta, vector in stored}
+        for entry in items:
+            vector = vectors.get(entry["item"])
+            entry["vector"] = None if vector is None else [float(x) for x in vector]
     return web.json_response(
         {
             "id": record_id,
             "collection": name,
             "ts": first.ts if first else None,
             "attrs": first.attrs if first else {},
-            "items": [
-                {"item": m.item, "category": m.category, "label": m.label, "score": m.score, "box": list(m.box)}
-                for m in metas
-            ],
+            "items": items,
             "thumbnail": thumbnail_url(name, record_id),
         }
     )

@@ -99,6 +99,15 @@ def document(settings: Settings) -> Schema:
         "schema": {"type": "string", "enum": ["products", "posts"], "default": "products"},
     }
     id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    routed: dict[str, Schema] = {
+        "generation": {"type": "string", "description": "through a router: the model generation that answered"},
+        "missing_partitions": {
+            "type": "array",
+            "items": {"type": "integer"},
+            "description": "through a router: records-topic partitions no replica answered for (their hits are absent)",
+        },
+        "partitions_total": {"type": ["integer", "null"]},
+    }
     schemas: dict[str, Schema] = {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Hit": {
@@ -145,6 +154,7 @@ def document(settings: Settings) -> Schema:
                     "required": ["decode", "detect", "encode", "search", "total"],
                     "additionalProperties": {"type": "number"},
                 },
+                **routed,
             },
         },
         "VectorSearchRequest": {
@@ -167,6 +177,10 @@ def document(settings: Settings) -> Schema:
                 "facets": {
                     "type": "array",
                     "items": {"type": "string", "enum": list(settings.shards.keyword_attributes)},
+                },
+                "generation": {
+                    "type": "string",
+                    "description": "answer from this model generation or not at all (409); routers send it",
                 },
             },
         },
@@ -191,7 +205,7 @@ def document(settings: Settings) -> Schema:
         "HitList": {
             "type": "object",
             "required": ["hits"],
-            "properties": {"hits": {"type": "array", "items": _ref("Hit")}, "facets": _ref("Facets")},
+            "properties": {"hits": {"type": "array", "items": _ref("Hit")}, "facets": _ref("Facets"), **routed},
         },
         "Item": {
             "type": "object",
@@ -223,7 +237,14 @@ def document(settings: Settings) -> Schema:
         "Ready": {
             "type": "object",
             "required": ["ready", "reasons"],
-            "properties": {"ready": {"type": "boolean"}, "reasons": {"type": "array", "items": {"type": "string"}}},
+            "properties": {
+                "ready": {"type": "boolean"},
+                "reasons": {"type": "array", "items": {"type": "string"}},
+                "generation": {"type": "string", "description": "the generation this node answers from"},
+                "retiring": {"type": ["string", "null"], "description": "a serve replica's previous generation"},
+                "partitions": {"type": "array", "items": {"type": "integer"}, "description": "a replica's partitions"},
+                "total_partitions": {"type": ["integer", "null"]},
+            },
         },
     }
     image_body = {
@@ -265,13 +286,22 @@ def document(settings: Settings) -> Schema:
                     "required": True,
                     "content": {"application/json": {"schema": _ref("VectorSearchRequest")}},
                 },
-                "responses": {"200": _json(_ref("HitList"), "results"), **_errors(400, 413, 415)},
+                "responses": {"200": _json(_ref("HitList"), "results"), **_errors(400, 409, 413, 415)},
             }
         },
         "/items/{id}": {
             "get": {
                 "summary": "One indexed record: attrs and items",
-                "parameters": [id_param, collection_param],
+                "parameters": [
+                    id_param,
+                    collection_param,
+                    {
+                        "name": "vectors",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["0", "1", "false", "true"]},
+                        "description": "also each item's stored vector (a router's more-like-this)",
+                    },
+                ],
                 "responses": {"200": _json(_ref("Item"), "the record"), **_errors(400, 404)},
             }
         },

@@ -7,6 +7,7 @@ from pathlib import Path
 from aiohttp import web
 
 from indexer.events import COLLECTIONS
+from indexer.node import Node
 from indexer.web import openapi
 from indexer.web.keys import CONSUMING, METRICS, NODE
 from indexer.web.metrics import CONTENT_TYPE
@@ -44,11 +45,31 @@ async def readyz(request: web.Request) -> web.Response:
 
     The checkpoint is restored before the app exists, so a node that answers
     here has its shards. Without consumers (``consume=False``) it is ready at once.
+    A serve replica also says which generation and records-topic partitions it
+    serves (what it announces to routers; docs/deploy.md).
     """
-    node = request.app[NODE]
+    reasons = problems(request.app)
+    body = {"ready": not reasons, "reasons": reasons, **serving(request.app[NODE])}
+    return web.json_response(body, status=503 if reasons else 200)
+
+
+def serving(node: Node) -> dict:
+    """The generation this node answers from and, on a serve replica, the partitions it serves."""
+    described: dict = {"generation": node.active.id}
+    consumer = node.active.consumer
+    if node.replica is not None:
+        described["retiring"] = node.retiring.id if node.retiring is not None else None
+        described["partitions"] = list(getattr(consumer, "partitions", ()))
+        described["total_partitions"] = getattr(consumer, "total_partitions", None)
+    return described
+
+
+def problems(app: web.Application) -> list[str]:
+    """Why the node is not ready now (empty when it is)."""
+    node = app[NODE]
     consumer = node.active.consumer
     reasons = []
-    if request.app[CONSUMING]:
+    if app[CONSUMING]:
         if consumer is None:
             reasons.append("the consumer has not started")
         else:
@@ -62,9 +83,7 @@ async def readyz(request: web.Request) -> web.Response:
                 reasons.append(f"no heartbeat to the Kafka group for {age:.0f} s: broker unreachable?")
             elif consumer.lag and max(consumer.lag.values()) > node.settings.api.ready_max_lag:
                 reasons.append(f"consumer lag {max(consumer.lag.values())} is above {node.settings.api.ready_max_lag}")
-    if reasons:
-        return web.json_response({"ready": False, "reasons": reasons}, status=503)
-    return web.json_response({"ready": True, "reasons": []})
+    return reasons
 
 
 async def metrics(request: web.Request) -> web.Response:

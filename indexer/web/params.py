@@ -19,7 +19,7 @@ from indexer.search import Where
 from indexer.web.errors import error
 
 #: query parameters that are not filters (the routes that take search parameters read them)
-NOT_FILTERS = frozenset({"k", "collection", "category", "photo", "facets", "within", "item", "vector"})
+NOT_FILTERS = frozenset({"k", "collection", "category", "photo", "facets", "within", "item", "vector", "generation"})
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,20 @@ class SearchParams:
                 raise error(web.HTTPBadRequest, f"{attribute}_min must not be above {attribute}_max")
         facets = _facets(params.get("facets"), shards)
         return cls(k, Where(collections, category, keyword, ranges), facets)
+
+    def as_json(self) -> dict[str, Any]:
+        """The parameters as a ``/search/vector`` body takes them (a router passes them on to replicas)."""
+        where = self.where
+        body: dict[str, Any] = {
+            "k": self.k,
+            "collection": "both" if len(where.collections) > 1 else where.collections[0],
+        }
+        if where.category is not None:
+            body["category"] = where.category
+        body.update({name: list(values) for name, values in where.keyword.items()})
+        for name, (low, high) in where.ranges.items():
+            body.update({f"{name}_{end}": v for end, v in (("min", low), ("max", high)) if math.isfinite(v)})
+        return body
 
 
 def _values(params: Mapping[str, Any], name: str) -> tuple[Any, ...]:

@@ -82,7 +82,7 @@ async def search(request: web.Request) -> web.Response:
 
 def facets_json(hits: list[Hit], params: SearchParams) -> dict[str, Any]:
     """``{"facets": {attribute: {value: count}}}`` over the hits when asked for, else nothing."""
-    return {"facets": query_flow.facets(hits, params.facets)} if params.facets else {}
+    return {"facets": query_flow.facets((h.attrs for h in hits), params.facets)} if params.facets else {}
 
 
 async def search_vector(request: web.Request) -> web.Response:
@@ -103,7 +103,12 @@ async def search_vector(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, "vector must be a list of numbers") from e
     if vector.ndim != 1 or not np.all(np.isfinite(vector)) or np.abs(vector).max(initial=0) > FLOAT32_MAX:
         raise error(web.HTTPBadRequest, "vector must be a flat list of finite float32 numbers")
-    shards = node.active.shards
+    generation = node.active
+    if body.get("generation") is not None:  # a router asks for the generation it merges (indexer/web/router.py)
+        generation = node.answering(str(body["generation"]))
+        if generation is None:
+            raise error(web.HTTPConflict, f"generation {body['generation']!r} is not answered here")
+    shards = generation.shards
     try:
         hits = await request.app[WORKERS].run_search(
             query_flow.search_vector, shards, vector.astype(np.float32), params.k, params.where

@@ -113,3 +113,31 @@ def test_a_detector_per_collection_is_part_of_the_generation(default_models):
     assert generations.generation_id(with_street) != generations.generation_id(plain)
     assert generations.same_models(ModelSettings(), ModelSettings(detectors={"posts": "whole-image"}))
     assert not generations.same_models(ModelSettings(), ModelSettings(detectors={"posts": "ssd-street"}))
+
+
+def test_a_replica_flips_on_source_offsets_and_answers_the_old_generation_a_while(default_models, tmp_path):
+    import time
+
+    from indexer.generations import Replica
+
+    settings = Settings.model_validate({"data_dir": str(tmp_path), "cluster": {"retire_after_s": 0.3}})
+    node = Node.create(settings, default_models, replica=Replica((0, 1)))
+    old = node.active
+    new = node.switch(OTHER)
+    assert new is not None and new.replica == Replica((0, 1))
+    old.consumer, new.consumer = StandIn(), StandIn()
+    new.consumer.assigned.set()
+    # Records topics of two generations have offsets of their own: the events they came from are compared.
+    old.stats.record_sources({"products/0": 10, "posts/0": 3})
+    new.stats.record_sources({"products/0": 10})
+    assert not node.flip_if_caught_up()
+    new.stats.record_sources({"posts/0": 3})
+    assert node.flip_if_caught_up()
+    assert node.active is new and node.retiring is old and not old.consumer.stopped
+    assert node.answering(old.id) is old and node.answering(new.id) is new and node.answering("other") is None
+    node.retire_if_due()
+    assert node.retiring is old  # not yet
+    time.sleep(0.35)
+    node.retire_if_due()
+    assert node.retiring is None and old.consumer.stopped and node.answering(old.id) is None
+    node.close()
