@@ -124,7 +124,7 @@ class FaissBackend(Backend):
         matching = int(mask.sum())
         selectivity = max(matching / max(segment.count, 1), 1e-9)
         bitmap = np.packbits(mask, bitorder="little")
-        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # its size in bytes
         if segment.kind == "hnsw":
             ef = min(int(settings.hnsw_ef_search / math.sqrt(selectivity)), MAX_EF_SEARCH)
             params = faiss.SearchParametersHNSW(efSearch=max(ef, settings.hnsw_ef_search, k), sel=selector)
@@ -158,13 +158,13 @@ class FaissBackend(Backend):
         if n < settings.seal_min_rows:
             return built_segment(keys, columns, "flat", self, vectors=rows.all())
         _, qtype = CODECS[codec]
-        sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, TRAIN_ROWS), replace=False))
+        rng = np.random.default_rng(0)
         if n <= settings.hnsw_max_rows:
             if qtype is None:
                 index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             else:
                 index = faiss.IndexHNSWSQ(dim, qtype, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-                index.train(rows.take(sample))
+                index.train(rows.take(_sample(rng, n, SQ_TRAIN_ROWS)))
             index.hnsw.efConstruction = settings.hnsw_ef_construction
             for block in rows.blocks():
                 index.add(block)
@@ -185,7 +185,7 @@ class FaissBackend(Backend):
         if reuse and qtype is None:
             index.is_trained = True
         else:  # k-means unless the quantizer already holds centroids, and the scalar quantizer's ranges
-            index.train(rows.take(sample[: min(len(sample), 64 * nlist)]))
+            index.train(rows.take(_sample(rng, n, SQ_TRAIN_ROWS if reuse else 64 * nlist)))
         for block in rows.blocks():
             index.add(block)
         index.make_direct_map()  # for reconstruct() when the segment is rebuilt
@@ -198,8 +198,13 @@ class FaissBackend(Backend):
         return replace(segment, search_params=params, mirror=None, backend=self)
 
 
-#: rows a scalar quantizer (or IVF's k-means, at most 64 per list) is trained on
-TRAIN_ROWS = 65_536
+#: rows a scalar quantizer's ranges are trained on (IVF's k-means takes 64 a list)
+SQ_TRAIN_ROWS = 65_536
+
+
+def _sample(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """Ascending positions of at most ``size`` of n rows, drawn at random (what ``RowSource.take`` reads)."""
+    return np.sort(rng.choice(n, size=min(n, size), replace=False))
 #: the widest HNSW candidate list a filtered search keeps (``knn_selected``)
 MAX_EF_SEARCH = 4096
 

@@ -25,12 +25,14 @@ backend loads on any other: it is read as FAISS reads it, and
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import mmap
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,13 @@ import numpy as np
 from indexer.config import ShardSettings
 from indexer.store.backends import Backend, FaissBackend
 from indexer.store.columns import Codes, Columns, FilterSpec
+from indexer.store.records import Item
 from indexer.store.segments import NEVER, Segment, growing_from
 from indexer.store.shards import ShardSet, View
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: metadata in columns (1: a msgpack list per row; read no more, replayed from Kafka instead)
+FORMAT = 2  # 2: metadata in columns; 1 (a msgpack list per row) is still read, and converted
 MANIFEST = "manifest.json"
 CODES = "codes.msgpack"
 KEEP = 2
@@ -248,7 +251,7 @@ def _load(
     path: Path, generation: dict[str, Any], settings: ShardSettings, backend: Backend | None
 ) -> tuple[Checkpoint, ShardSet]:
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (1, FORMAT):
         raise _NotThisGeneration(f"format {manifest.get('format')}")
     if manifest["generation"] != generation:
         raise _NotThisGeneration(f"another model generation {manifest['generation']}")
@@ -257,11 +260,25 @@ def _load(
     def read(name: str) -> bytes:
         return _read(path, name, sums)
 
+    spec = FilterSpec(settings.keyword_attributes, settings.numeric_attributes)
+    if manifest["format"] == 1:
+        codes = Codes(spec)
+        states = _states_of_format_1(manifest, read, path, sums, codes)
+    else:
+        saved = msgpack.unpackb(read(CODES))
+        codes = Codes(spec, saved["labels"], saved["keywords"])
+        states = _states(manifest, read, path, sums, codes)
+    dim = generation["dim"]
+    shards = ShardSet.restore(dim, settings, states, manifest["seq"], codes, backend)
+    checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
+    log.info("restored checkpoint %s: %d records", path.name, sum(shards.records(c) for c in ("products", "posts")))
+    return checkpoint, shards
+
+
+def _states(
+    manifest: dict[str, Any], read: Callable[[str], bytes], path: Path, sums: Any, codes: Codes
+) -> dict[tuple[str, str], tuple[Segment | None, Segment]]:
     stored = FaissBackend()  # reads the segments as written; ShardSet.restore makes them live on ``backend``
-    saved = msgpack.unpackb(read(CODES))
-    codes = Codes(
-        FilterSpec(settings.keyword_attributes, settings.numeric_attributes), saved["labels"], saved["keywords"]
-    )
     states = {}
     for entry in manifest["shards"]:
         n = entry["id"]
@@ -269,33 +286,59 @@ def _load(
         if "sealed" in entry:
             dead = _npy_load(read(f"{n}.sealed.dead.npy"))
             keys, arrays = _npz_load(read(f"{n}.sealed.npz"))
-            columns = Columns.from_arrays(arrays, codes)
-            deleted_at = np.where(dead, 0, NEVER).astype(np.int64)
-            rows: dict[str, Any] = {}
-            if entry["sealed"] == "flat":
-                rows["vectors"] = _npy_load(read(f"{n}.sealed.npy"))
-            else:
-                rows["index"] = _read_index(path, f"{n}.sealed.faiss", sums)
+            rows = _sealed_rows(entry["sealed"], n, read, path, sums)
             sealed = Segment(
-                entry["sealed"],
-                keys,
-                deleted_at,
-                columns,
-                len(keys),
-                int(dead.sum()),
-                backend=stored,
-                by_record=True,
-                **rows,
-            )
+                entry["sealed"], keys, np.where(dead, 0, NEVER).astype(np.int64), Columns.from_arrays(arrays, codes),
+                len(keys), int(dead.sum()), backend=stored, by_record=True, **rows,
+            )  # fmt: skip
         vectors = _npy_load(read(f"{n}.growing.npy"))
         keys, arrays = _npz_load(read(f"{n}.growing.npz"))
         growing = growing_from(vectors, keys, Columns.from_arrays(arrays, codes), 256, stored)
         states[(entry["collection"], entry["category"])] = (sealed, growing)
-    dim = generation["dim"]
-    shards = ShardSet.restore(dim, settings, states, manifest["seq"], codes, backend)
-    checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
-    log.info("restored checkpoint %s: %d records", path.name, sum(shards.records(c) for c in ("products", "posts")))
-    return checkpoint, shards
+    return states
+
+
+def _sealed_rows(kind: str, n: int, read: Callable[[str], bytes], path: Path, sums: Any) -> dict[str, Any]:
+    if kind == "flat":
+        return {"vectors": _npy_load(read(f"{n}.sealed.npy"))}
+    return {"index": _read_index(path, f"{n}.sealed.faiss", sums)}
+
+
+def _states_of_format_1(
+    manifest: dict[str, Any], read: Callable[[str], bytes], path: Path, sums: Any, codes: Codes
+) -> dict[tuple[str, str], tuple[Segment | None, Segment]]:
+    """Segments of a format-1 checkpoint (a msgpack list per row), converted to columns once, row by row.
+
+    Reading it beats replaying from Kafka, whose retention may no longer hold
+    the oldest events. Its sealed rows are in key order, not record order, so
+    their records are found by a scan until the shard is next rebuilt.
+    """
+    log.warning("converting checkpoint %s from format 1 (row lists) to columns", path.name)
+    stored = FaissBackend()
+    keys = itertools.count()
+
+    def columns_of(name: str) -> tuple[np.ndarray, Columns]:
+        rows = []
+        for collection, category, record_id, item, box, label, score, ts, attrs in msgpack.unpackb(read(name)):
+            rows.append((collection, record_id, ts, Item(category, np.empty(0), tuple(box), label, score), item, attrs))
+        return np.array([next(keys) for _ in rows], np.int64), Columns.of_items(codes, rows)
+
+    states = {}
+    for entry in manifest["shards"]:
+        n = entry["id"]
+        sealed = None
+        if "sealed" in entry:
+            dead = _npy_load(read(f"{n}.sealed.dead.npy"))
+            sealed_keys, columns = columns_of(f"{n}.sealed.meta")
+            rows = _sealed_rows(entry["sealed"], n, read, path, sums)
+            sealed = Segment(
+                entry["sealed"], sealed_keys, np.where(dead, 0, NEVER).astype(np.int64), columns,
+                len(sealed_keys), int(dead.sum()), backend=stored, **rows,
+            )  # fmt: skip
+        growing_keys, columns = columns_of(f"{n}.growing.meta")
+        growing = growing_from(_npy_load(read(f"{n}.growing.npy")), growing_keys, columns, 256, stored)
+        states[(entry["collection"], entry["category"])] = (sealed, growing)
+    return states
 
 
 class Checkpointer:

@@ -165,3 +165,46 @@ def test_attributes_indexed_after_a_checkpoint_are_filled_from_the_records_when_
     hits = restored.search(data[1], 100, "products", where=red)
     assert len(hits) == 100 and all(h.attrs["colour"] == "red" for h in hits)
     restored.close()
+
+
+def test_a_format_1_checkpoint_is_converted_rather_than_replayed(tmp_path):
+    """Written as the row-list format did: a flat sealed segment and a growing one, metadata a msgpack row each."""
+    import io
+    import json
+
+    import msgpack
+
+    def npy(array) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    data = unit_vectors(6)
+    row = lambda i, attrs: ["products", "top", f"p{i}", 0, [0, 0, 4, 4], "tee", 0.5, 100 + i, attrs]  # noqa: E731
+    directory = tmp_path / "ckpt-000000000007-1"
+    directory.mkdir()
+    files = {
+        "0.sealed.npy": npy(data[:4]),
+        "0.sealed.dead.npy": npy(np.array([False, True, False, False])),
+        "0.sealed.meta": msgpack.packb([row(i, {"brand": "Acme" if i < 2 else "Zeta"}) for i in range(4)]),
+        "0.growing.npy": npy(data[4:]),
+        "0.growing.meta": msgpack.packb([row(i, {"brand": "Zeta"}) for i in (4, 5)]),
+    }
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+    manifest = {
+        "format": 1, "seq": 7, "offsets": {"t/0": 9}, "counters": {}, "generation": GENERATION,
+        "shards": [{"collection": "products", "category": "top", "id": 0, "sealed": "flat"}],
+    }  # fmt: skip
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+    checkpoint, restored = load_latest(tmp_path, GENERATION, POLICY)
+    assert checkpoint.offsets == {"t/0": 9} and restored.records("products") == 5  # p1 was deleted
+    assert [h.id for h in restored.search(data[5], 1, "products")] == ["p5"]
+    zeta = compile_filter(restored.codes, {"brand": ["zeta"]}, {})
+    assert {h.id for h in restored.search(data[0], 10, "products", where=zeta)} == {"p2", "p3", "p4", "p5"}
+    (meta,) = restored.record("products", "p0")
+    assert (meta.label, meta.box, meta.ts, meta.score) == ("tee", (0, 0, 4, 4), 100, 0.5)
+    restored.apply([Delete("products", "p3", 0), upsert("p0", [data[1]])])  # the converted rows stay writable
+    assert restored.records("products") == 4 and restored.search(data[1], 1, "products")[0].id == "p0"
+    restored.close()
