@@ -102,6 +102,10 @@ class EncodingConsumer(IndexingConsumer):
                 client_id="lookstream-encoder-records",
                 acks="all",
                 enable_idempotence=self.kafka.enable_idempotence,
+                # a record's changes stay in order even when a request is retried (an upsert retried
+                # after the delete that followed it would bring the record back on every replica):
+                # idempotence orders retries where it is on, else one request is in flight at a time
+                max_in_flight_requests_per_connection=5 if self.kafka.enable_idempotence else 1,
                 max_request_size=self.kafka.produce_request_bytes,
                 compression_type=self.cluster.compression,
                 linger_ms=5,

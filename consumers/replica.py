@@ -113,6 +113,11 @@ class ReplicaConsumer(IndexingConsumer):
             except InvalidRecord as e:
                 bad.append(DeadLetter(record, Reason.BAD_ENVELOPE, str(e)))
                 continue
+            wrong = [len(item.vector) for item in getattr(op, "items", ()) if len(item.vector) != self.shards.dim]
+            if wrong:  # another model's record: the shards would refuse the whole batch, on every replica
+                detail = f"vectors of {wrong[0]} numbers; this generation's encoder gives {self.shards.dim}"
+                bad.append(DeadLetter(record, Reason.BAD_ENVELOPE, detail))
+                continue
             ops.append(op)
             sources.append(record)
             origins[origin.name] = max(origins.get(origin.name, 0), origin.offset + 1)

@@ -205,13 +205,20 @@ class Generation:
         if self.consumer is not None:
             self.consumer.stop()
 
-    def caught_up_with(self, other: Generation) -> bool:
-        """True once this generation has applied every partition at least as far as ``other`` has."""
+    def caught_up_with(self, other: Generation, max_lag: int = 0) -> bool:
+        """True once this generation has applied every partition at least as far as ``other`` has.
+
+        A replica compares the events its records came from (two records
+        topics have offsets of their own), and also needs every records
+        partition it reads within ``max_lag`` of its end: the newest source
+        offset seen in one records partition says nothing of the others.
+        """
         mine, theirs = self.consumer, other.consumer
         if mine is None or not mine.assigned.is_set():
             return False
         if self.replica is not None:
-            # Two records topics have offsets of their own: compare the events each replica's records came from.
+            if not mine.lag or max(mine.lag.values()) > max_lag:
+                return False
             target = other.stats.counters().get("sources", {})
             applied = self.stats.counters().get("sources", {})
             return all(applied.get(name, -1) >= offset for name, offset in target.items())

@@ -139,7 +139,7 @@ class Node:
         """
         with self._switch_lock:
             new = self.building
-            if new is None or not new.caught_up_with(self.active):
+            if new is None or not new.caught_up_with(self.active, self.settings.api.ready_max_lag):
                 return False
             old = self.active
             if self.replica is not None and self.settings.cluster.retire_after_s > 0:

@@ -205,6 +205,8 @@ SQ_TRAIN_ROWS = 65_536
 def _sample(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     """Ascending positions of at most ``size`` of n rows, drawn at random (what ``RowSource.take`` reads)."""
     return np.sort(rng.choice(n, size=min(n, size), replace=False))
+
+
 #: the widest HNSW candidate list a filtered search keeps (``knn_selected``)
 MAX_EF_SEARCH = 4096
 

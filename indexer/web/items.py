@@ -22,7 +22,13 @@ def thumbnail_url(collection_name: str, record_id: str) -> str:
 async def item(request: web.Request) -> web.Response:
     node = request.app[NODE]
     name, record_id = collection(request), request.match_info["id"]
-    metas = node.active.shards.record(name, record_id)
+    generation = node.active
+    if request.query.get("generation"):  # a router's "more like this" names the generation it searches
+        generation = node.answering(request.query["generation"])
+        if generation is None:
+            raise error(web.HTTPConflict, f"generation {request.query['generation']!r} is not answered here")
+    shards = generation.shards
+    metas = shards.record(name, record_id)
     if metas is None:
         raise error(web.HTTPNotFound, f"no {name} record with id {record_id!r}")
     first = metas[0] if metas else None
@@ -30,7 +36,7 @@ async def item(request: web.Request) -> web.Response:
         {"item": m.item, "category": m.category, "label": m.label, "score": m.score, "box": list(m.box)} for m in metas
     ]
     if request.query.get("vectors") in ("1", "true"):  # a router's "more like this" (indexer/web/router.py)
-        stored = node.active.shards.record_vectors(name, record_id) or []
+        stored = shards.record_vectors(name, record_id) or []
         vectors = {meta.item: vector for meta, vector in stored}
         for entry in items:
             vector = vectors.get(entry["item"])

@@ -301,8 +301,14 @@ def document(settings: Settings) -> Schema:
                         "schema": {"type": "string", "enum": ["0", "1", "false", "true"]},
                         "description": "also each item's stored vector (a router's more-like-this)",
                     },
+                    {
+                        "name": "generation",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "answer from this model generation or not at all (409); routers send it",
+                    },
                 ],
-                "responses": {"200": _json(_ref("Item"), "the record"), **_errors(400, 404)},
+                "responses": {"200": _json(_ref("Item"), "the record"), **_errors(400, 404, 409)},
             }
         },
         "/items/{id}/similar": {

@@ -54,7 +54,12 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaFailed(Exception):
-    """A replica did not answer in time, or answered with an error."""
+    """A replica did not answer in time, or answered with an error of its own (5xx), or not for this generation."""
+
+    def __init__(self, message: str, bench: bool = True) -> None:
+        super().__init__(message)
+        #: ask it again only as a last resort for ``cluster.bench_s``: not for a 409 (it answers another generation)
+        self.bench = bench
 
 
 class NoReplica(Exception):
@@ -99,8 +104,13 @@ class Router:
                 url.rstrip("/") + path, data=orjson.dumps(body), headers=JSON, timeout=timeout
             ) as response:
                 payload = await response.read()
+                text = payload[:200].decode(errors="replace")
+                if response.status == 409:  # not this generation (any more): another replica may answer it
+                    raise ReplicaFailed(f"{url}: 409 {text}", bench=False)
+                if 400 <= response.status < 500:  # the request is at fault, not the replica: tell the client
+                    raise error(web.HTTPBadRequest, f"a replica refused the query: {response.status} {text}")
                 if response.status != 200:
-                    raise ReplicaFailed(f"{url}: {response.status} {payload[:200].decode(errors='replace')}")
+                    raise ReplicaFailed(f"{url}: {response.status} {text}")
                 return orjson.loads(payload)
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as e:
             raise ReplicaFailed(f"{url}: {type(e).__name__}: {e}") from e
@@ -144,7 +154,8 @@ class Router:
                     if not isinstance(result, ReplicaFailed):
                         raise result
                     failed.add(candidate.url)
-                    self.benched[candidate.url] = time.monotonic() + self.settings.cluster.bench_s
+                    if result.bench:
+                        self.benched[candidate.url] = time.monotonic() + self.settings.cluster.bench_s
                     self.counts["replica_failures"] += 1
                     log.warning(
                         "replica failed; asking another for partitions %s: %s", sorted(candidate.partitions), result
@@ -352,8 +363,12 @@ async def similar(request: web.Request) -> web.Response:
     query["collection"] = query.pop("within", name)
     params, body = _params(query, router.settings)
     wanted = number(query, "item", int, None, 0, 10_000)
+    choice = router.choice()  # the stored vector and the search come from one generation
     try:
-        path = f"/items/{quote(record_id, safe='')}?{urlencode({'collection': name, 'vectors': 1})}"
+        asked = {"collection": name, "vectors": 1}
+        if choice.generation is not None:
+            asked["generation"] = choice.generation
+        path = f"/items/{quote(record_id, safe='')}?{urlencode(asked)}"
         status, payload, _ = await router.ask_owner(name, record_id, path)
     except NoReplica as e:
         raise error(web.HTTPServiceUnavailable, str(e)) from e
@@ -368,10 +383,9 @@ async def similar(request: web.Request) -> web.Response:
         chosen = next((i for i in items if i["item"] == wanted), None)
         if chosen is None:
             raise error(web.HTTPNotFound, f"{name} record {record_id!r} has no item {wanted} (it has {len(items)})")
-    choice = router.choice()
-    body["k"] = params.k + 1
+    body["k"] = min(params.k + 1, router.settings.api.max_k)  # one more: the record itself is left out
     try:
-        (hits,), missing = await router.search_vectors([chosen["vector"]], body, params.k + 1, choice)
+        (hits,), missing = await router.search_vectors([chosen["vector"]], body, body["k"], choice)
     except NoReplica as e:
         raise error(web.HTTPServiceUnavailable, str(e)) from e
     hits = [h for h in hits if (h["collection"], h["id"]) != (name, record_id)][: params.k]

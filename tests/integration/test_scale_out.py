@@ -25,7 +25,7 @@ from indexer.kafka.membership import Member, now_ms
 from indexer.kafka.topics import ensure_topic
 from indexer.node import Node
 from indexer.web.app import create_app
-from indexer.web.router import Router, create_router_app
+from indexer.web.router import ROUTER, Router, create_router_app
 from producers.publisher import make_producer, publish
 from tests.integration.conftest import eventually
 from tests.support.imagegen import JPEG, encoded, product_image
@@ -250,6 +250,13 @@ async def test_replicas_and_the_router_answer_as_a_single_node(
     similar = await json_of(await router.get("/items/p3/similar?k=4&within=both"))
     assert_same_hits(similar["hits"], (await json_of(await single.get("/items/p3/similar?k=4&within=both")))["hits"])
     assert len(similar["hits"]) == 4
+    # At the largest k (one more is asked for, the record itself left out), and a request a replica refuses:
+    # a 4xx is the client's, not a replica failure that would bench every replica.
+    most = await json_of(await router.get("/items/p3/similar?k=100&within=both"))
+    assert most["missing_partitions"] == [] and "p3" not in [h["id"] for h in most["hits"]]
+    wrong_size = await router.post("/search/vector", json={"vector": [0.5, 0.5], "k": 3})
+    assert wrong_size.status == 400 and "a replica refused the query" in (await wrong_size.json())["error"]
+    assert not router.app[ROUTER].benched_now()
     assert (await router.get("/items/p5")).status == 404
     thumbnail = await router.get("/items/p3/thumbnail")
     assert thumbnail.status == 200 and thumbnail.content_type == "image/jpeg"

@@ -23,6 +23,7 @@ class StandIn:
     """What Node and Generation read of an IndexingConsumer."""
 
     applied: dict = field(default_factory=dict)
+    lag: dict = field(default_factory=dict)  # (topic, partition) -> messages not applied yet
     assigned: threading.Event = field(default_factory=threading.Event)
     health: ConsumerHealth = field(default_factory=lambda: ConsumerHealth(IngestSettings()))
     stopped: bool = False
@@ -130,8 +131,12 @@ def test_a_replica_flips_on_source_offsets_and_answers_the_old_generation_a_whil
     # Records topics of two generations have offsets of their own: the events they came from are compared.
     old.stats.record_sources({"products/0": 10, "posts/0": 3})
     new.stats.record_sources({"products/0": 10})
+    new.consumer.lag = {("records", 0): 0, ("records", 1): 0}
     assert not node.flip_if_caught_up()
     new.stats.record_sources({"posts/0": 3})
+    new.consumer.lag[("records", 1)] = 5_000  # one records partition far behind: its sources may be too
+    assert not node.flip_if_caught_up()
+    new.consumer.lag[("records", 1)] = 0
     assert node.flip_if_caught_up()
     assert node.active is new and node.retiring is old and not old.consumer.stopped
     assert node.answering(old.id) is old and node.answering(new.id) is new and node.answering("other") is None
