@@ -222,6 +222,7 @@ class IndexingConsumer:
         try:
             self._subscribe(consumer)
             while not stop.is_set():
+                self._hold_back_while_backlogged(consumer)
                 batch = consumer.poll(timeout_ms=self.kafka.poll_timeout_ms)
                 self._after_poll(consumer)
                 records = [record for part in batch.values() for record in part]
@@ -250,6 +251,25 @@ class IndexingConsumer:
         finally:
             consumer.close(autocommit=False)
             producer.close(timeout=5)
+
+    def _hold_back_while_backlogged(self, consumer: KafkaConsumer) -> None:
+        """Pause fetching while the shards' unsealed rows are far past their bound, resume once a rebuild is in.
+
+        Polling goes on meanwhile (the group keeps this member), and the
+        loop's maintain() installs the rebuild; the wait is on purpose, so it
+        is not a stall.
+        """
+        if self.shards is None:
+            return
+        paused = consumer.paused()
+        if self.shards.backlogged():
+            held = consumer.assignment() - paused
+            if held:
+                log.info("holding back %d partitions until a shard rebuild is in", len(held))
+                consumer.pause(*held)
+            self.health.progressed()
+        elif paused:
+            consumer.resume(*paused)
 
     def _after_poll(self, consumer: KafkaConsumer) -> None:
         """A poll returned: the loop works. Refresh what /readyz and /metrics read."""

@@ -177,6 +177,10 @@ class ShardSettings(BaseModel):
     hnsw_ef_search: int = Field(128, ge=1)
     # IVF lists searched per query, as a share of the lists (never fewer than 8).
     ivf_nprobe_fraction: float = Field(1 / 16, gt=0, le=1)
+    # While a shard's rebuild runs, new rows wait in its growing segment, searched exactly. Once one
+    # holds this many times growing_max_rows, the consumer stops fetching until the rebuild is in, so
+    # that a bulk load slows ingest rather than every query (0: never wait).
+    growing_hold_factor: float = Field(4.0, ge=0)
     # A checkpoint is written at most this often, and only when something changed.
     checkpoint_interval_s: float = Field(10.0, gt=0)
     #: "auto": exact search on the GPU with torch where one is visible, FAISS on the CPU otherwise

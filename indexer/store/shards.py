@@ -404,6 +404,19 @@ class ShardSet:
             self._publish(seq)
             self._schedule_rebuilds(seq)
 
+    def backlogged(self) -> bool:
+        """True while a shard being rebuilt holds ``growing_hold_factor`` times ``growing_max_rows`` unsealed rows.
+
+        The writer cannot seal rows faster than the builder indexes them; the
+        consumer holds back while this is true (consumers/indexing.py), so the
+        rows searched exactly stay bounded however fast events arrive.
+        """
+        factor = self.settings.growing_hold_factor
+        if not factor:
+            return False
+        bound = factor * self.settings.growing_max_rows
+        return any(s.building is not None and s.growing.count >= bound for s in list(self._shards.values()))
+
     def rebuild_all(self) -> int:
         """Schedule a rebuild of every shard that is not being rebuilt (admin); return how many."""
         with self._write_lock:

@@ -39,6 +39,9 @@ class FakeConsumer:
     def assignment(self):
         return set()
 
+    def paused(self):
+        return set()
+
     def metrics(self, raw=False):
         return {}
 
@@ -135,3 +138,47 @@ async def test_the_app_reports_a_consumer_that_gave_up_and_stops(fake_kafka, aio
     assert len(reasons) == 1 and "UnsupportedCodecError" in reasons[0]
     response = await client.get("/readyz")
     assert response.status == 503 and reasons[0] in (await response.json())["reasons"]
+
+
+def test_fetching_pauses_while_a_rebuild_lags_far_behind_and_resumes_once_it_is_in(monkeypatch):
+    """A bulk load outruns the builder: the consumer holds back instead of letting exact search grow."""
+    from indexer.config import ShardSettings
+    from indexer.store import shards as shards_module
+    from tests.support.shards import fill, unit_vectors
+
+    release = threading.Event()
+    real_build = shards_module.build_from_state
+    monkeypatch.setattr(shards_module, "build_from_state", lambda *a, **k: (release.wait(10), real_build(*a, **k))[1])
+    settings = ShardSettings(seal_min_rows=100, growing_max_rows=100, growing_hold_factor=2, hnsw_m=8)
+    shards = ShardSet(16, settings)
+    consumer = IndexingConsumer(KafkaSettings(), pipeline=None, shards=shards, stats=IngestStats())
+
+    class Client:
+        def __init__(self) -> None:
+            self.partitions, self.held = {("products", 0), ("posts", 0)}, set()
+
+        def assignment(self):
+            return set(self.partitions)
+
+        def paused(self):
+            return set(self.held)
+
+        def pause(self, *partitions):
+            self.held |= set(partitions)
+
+        def resume(self, *partitions):
+            self.held -= set(partitions)
+
+    client = Client()
+    fill(shards, unit_vectors(120), batch=120)  # sealing starts, and waits
+    fill(shards, unit_vectors(60, seed=1), start=120, batch=60)  # 180 unsealed rows: under 2 x 100
+    consumer._hold_back_while_backlogged(client)
+    assert client.held == set()
+    fill(shards, unit_vectors(60, seed=2), start=180, batch=60)  # 240: over
+    consumer._hold_back_while_backlogged(client)
+    assert client.held == client.partitions
+    release.set()
+    shards.wait_for_rebuilds(timeout=30)
+    consumer._hold_back_while_backlogged(client)
+    assert client.held == set()
+    shards.close()
