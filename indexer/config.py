@@ -184,6 +184,19 @@ class ShardSettings(BaseModel):
     backend: Literal["auto", "cpu", "torch-cuda"] = "auto"
 
 
+class PairSettings(BaseModel):
+    """Street-to-shop pairs mined from posts that name their products (indexer/training/pairs.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Mine pairs into ``data_dir/pairs`` while a durable node indexes posts.
+    enabled: bool = True
+    # Garment crops kept at most; posts past it are counted, not stored (about 10 KB a crop).
+    max_anchors: int = Field(100_000, ge=1)
+    # Crops are stored as JPEGs at most this many pixels on a side.
+    crop_max_side: int = Field(256, ge=32)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -194,6 +207,7 @@ class Settings(BaseModel):
     images: ImageSettings = ImageSettings()
     ingest: IngestSettings = IngestSettings()
     shards: ShardSettings = ShardSettings()
+    pairs: PairSettings = PairSettings()
     disabled_plugins: tuple[str, ...] = ()
 
     @classmethod

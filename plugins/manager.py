@@ -22,6 +22,7 @@ from plugins.registry import Registry
 DEFAULT_PLUGINS = (
     "plugins.builtin.whole_image",
     "plugins.builtin.efficientnet",
+    "plugins.builtin.finetuned",
     "plugins.builtin.classifiers",
     "plugins.builtin.transformers_models",
     "plugins.builtin.ssd_street",
