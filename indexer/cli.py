@@ -188,6 +188,7 @@ def plugins(config_path) -> None:
         "detector": settings.models.detector,
         "encoder": settings.models.encoder,
         "classifier": settings.models.classifier,
+        "reranker": settings.models.reranker,
     }
     for plugin, roles in sorted(table.items()):
         click.echo(plugin + packages.get(plugin, " (built in)"))

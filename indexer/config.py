@@ -77,6 +77,9 @@ class ModelSettings(BaseModel):
     #: A detector per collection where it differs from ``detector``, e.g. ``[models.detectors] posts =
     #: "ssd-street"``: catalog thumbnails want the whole image, street photos a garment or person detector.
     detectors: dict[Literal["products", "posts"], str] = Field(default_factory=dict)
+    #: A re-ranker that re-scores the nearest hits of each query item (None: off; docs/plugins.md).
+    #: It changes answers, not shards, so it is not part of the model generation: it applies from the next start.
+    reranker: str | None = None
 
     def detector_for(self, collection: str) -> str:
         return self.detectors.get(collection, self.detector)

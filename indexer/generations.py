@@ -45,7 +45,14 @@ def load(settings: Settings, selection: ModelSettings) -> Models:
         cache_dir=settings.data_dir / "models",
     )
     models = load_models(
-        pm, selection.detector, selection.encoder, selection.classifier, context, selection.options, selection.detectors
+        pm,
+        selection.detector,
+        selection.encoder,
+        selection.classifier,
+        context,
+        selection.options,
+        selection.detectors,
+        selection.reranker,
     )
     log.info(
         "models: %s/%s/%s on %s (%s)",

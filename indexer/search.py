@@ -18,17 +18,21 @@ the HTTP layer's business (indexer/web/search.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from indexer.config import ImageSettings
-from indexer.images import decode
+from indexer.images import Decoded, decode
 from indexer.pipeline import Pipeline
+from indexer.pipeline import crop as pipeline_crop
 from indexer.store.segments import ItemMeta
 from indexer.store.shards import Hit, ShardSet
+from plugins.models import Candidate, Encoder, Reranker, RerankQuery
 
 #: Keeps a row when it returns True: an attribute filter applied to the nearest candidates.
 Accept = Callable[[ItemMeta], bool]
@@ -114,12 +118,55 @@ def search_image(
         with clock.stage("encode"):
             whole = pipeline.encode([decoded.image])[0]
     with clock.stage("search"):
-        results = [
-            QueryItem(item.box, item.label, item.category, item.score, _search(shards, item.vector, k, where))
-            for item in items
-        ]
+        found = [_search(shards, item.vector, _wanted(pipeline, k), where) for item in items]
         hits = _search(shards, whole, k, where)
+    reranker = pipeline.models.reranker
+    if reranker is not None:
+        with clock.stage("rerank"):
+            found = [
+                rerank(reranker, pipeline.models.encoder, shards, crop(decoded, item.box), item.vector, hits_, k)
+                for item, hits_ in zip(items, found, strict=True)
+            ]
+    results = [
+        QueryItem(item.box, item.label, item.category, item.score, hits_)
+        for item, hits_ in zip(items, found, strict=True)
+    ]
     return QueryResult(results, hits, clock.total(), decoded.original_size)
+
+
+def _wanted(pipeline: Pipeline, k: int) -> int:
+    reranker = pipeline.models.reranker
+    return max(k, reranker.candidates) if reranker is not None else k
+
+
+def crop(decoded: Decoded, box: tuple[int, int, int, int]) -> Image.Image:
+    """An item's crop from the decoded image, its box given in the original image's pixels."""
+    image = decoded.image
+    sx, sy = image.width / decoded.original_size[0], image.height / decoded.original_size[1]
+    x0, y0, x1, y1 = box
+    return pipeline_crop(image, (round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)))
+
+
+def rerank(
+    reranker: Reranker,
+    encoder: Encoder,
+    shards: ShardSet,
+    image: Image.Image,
+    vector: np.ndarray,
+    hits: list[Hit],
+    k: int,
+) -> list[Hit]:
+    """The re-ranker's order of ``hits`` (each with its stored item vector), the best ``k`` kept."""
+    stored = {}
+    for hit in hits:
+        for meta, row in shards.record_vectors(hit.collection, hit.id) or []:
+            if meta.item == hit.item:
+                stored[(hit.collection, hit.id)] = row
+    known = [h for h in hits if (h.collection, h.id) in stored]
+    by_key = {h.id: h for h in known}
+    candidates = [Candidate(h.id, h.score, stored[(h.collection, h.id)]) for h in known]
+    ranked = reranker.rerank(RerankQuery(image, vector, encoder), candidates)
+    return [dataclasses.replace(by_key[c.id], score=c.score) for c in ranked if c.id in by_key][:k]
 
 
 def search_vector(shards: ShardSet, vector: np.ndarray, k: int, where: Where) -> list[Hit]:
