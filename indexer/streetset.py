@@ -18,6 +18,7 @@ Layout under ``DIR`` (the catalog folder as ``lookstream produce products`` read
 
     DIR/<split>/catalog/<category>/<product_id>.jpg
     DIR/<split>/posts/<post_id>.jpg
+    DIR/<split>/posts/<post_id>.json     {"products": [...]}: `lookstream produce posts` puts it in attrs
     DIR/<split>/posts.jsonl      {"id": ..., "image": "posts/x.jpg", "products": [...], "boxes": {id: [x0, y0, x1, y1]}}
 
 The ``train`` and ``heldout`` splits hold disjoint products: figures on the
@@ -288,6 +289,7 @@ def write_split(out: Path, products: list[Garment], posts_per_product: float, se
         post_id = f"{prefix}{n:05d}"
         image, boxes = post(outfit, seed * 1_000_003 + n)
         image.save(out / "posts" / f"{post_id}.jpg", quality=92)
+        (out / "posts" / f"{post_id}.json").write_text(json.dumps({"products": [g.id for g in outfit]}))
         lines.append(
             {"id": post_id, "image": f"posts/{post_id}.jpg", "products": [g.id for g in outfit], "boxes": boxes}
         )
