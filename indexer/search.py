@@ -162,11 +162,14 @@ def rerank(
         for meta, row in shards.record_vectors(hit.collection, hit.id) or []:
             if meta.item == hit.item:
                 stored[(hit.collection, hit.id)] = row
-    known = [h for h in hits if (h.collection, h.id) in stored]
-    by_key = {h.id: h for h in known}
-    candidates = [Candidate(h.id, h.score, stored[(h.collection, h.id)]) for h in known]
+    by_key = {(h.collection, h.id): h for h in hits if (h.collection, h.id) in stored}
+    candidates = [Candidate(h.id, h.collection, h.score, stored[key]) for key, h in by_key.items()]
     ranked = reranker.rerank(RerankQuery(image, vector, encoder), candidates)
-    return [dataclasses.replace(by_key[c.id], score=c.score) for c in ranked if c.id in by_key][:k]
+    return [
+        dataclasses.replace(by_key[(c.collection, c.id)], score=c.score)
+        for c in ranked
+        if (c.collection, c.id) in by_key
+    ][:k]
 
 
 def search_vector(shards: ShardSet, vector: np.ndarray, k: int, where: Where) -> list[Hit]:

@@ -86,9 +86,10 @@ class RerankQuery:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One hit to re-score: its record id, its score from the index, and its stored vector."""
+    """One hit to re-score: its record id and collection, its score from the index, and its stored vector."""
 
     id: str
+    collection: str
     score: float
     vector: np.ndarray
 

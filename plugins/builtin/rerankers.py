@@ -42,7 +42,7 @@ class MultiCropReranker:
         views = np.vstack([query.vector[None, :], views])
         stored = np.stack([c.vector for c in candidates])
         best = (stored @ views.T).max(axis=1)
-        rescored = [Candidate(c.id, float(s), c.vector) for c, s in zip(candidates, best.tolist())]
+        rescored = [Candidate(c.id, c.collection, float(s), c.vector) for c, s in zip(candidates, best.tolist())]
         return sorted(rescored, key=lambda c: -c.score)
 
 

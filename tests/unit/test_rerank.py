@@ -30,9 +30,9 @@ def test_multi_crop_scores_each_candidate_by_its_best_view():
     reranker = MultiCropReranker(ModelContext("cpu"))
     assert len(sub_crops(Image.new("RGB", (40, 20)), 0.75)) == 6
     query = RerankQuery(Image.new("RGB", (40, 20)), np.array([1.0, 0.0], dtype=np.float32), FixedEncoder())
-    a = Candidate("a", 0.9, np.array([1.0, 0.0], dtype=np.float32))  # like the query vector
-    b = Candidate("b", 0.1, np.array([0.0, 1.0], dtype=np.float32))  # like its sub-crops
-    c = Candidate("c", 0.5, np.array([-1.0, 0.0], dtype=np.float32))
+    a = Candidate("a", "products", 0.9, np.array([1.0, 0.0], dtype=np.float32))  # like the query vector
+    b = Candidate("b", "products", 0.1, np.array([0.0, 1.0], dtype=np.float32))  # like its sub-crops
+    c = Candidate("c", "products", 0.5, np.array([-1.0, 0.0], dtype=np.float32))
     ranked = reranker.rerank(query, [c, b, a])
     assert [x.id for x in ranked][:2] in (["a", "b"], ["b", "a"]) and ranked[-1].id == "c"
     assert [x.score for x in ranked] == pytest.approx([1.0, 1.0, 0.0])
