@@ -12,6 +12,9 @@ import random
 
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+#: Part of the feature cache's key: change it whenever a view changes for the same seed.
+VERSION = 1
+
 
 def _jitter(image: Image.Image, rng: random.Random, amount: float) -> Image.Image:
     image = ImageEnhance.Brightness(image).enhance(rng.uniform(1 - amount, 1 + amount))

@@ -245,7 +245,7 @@ def train(
                 )
         return makers
 
-    base_key = (options.base, network.cut, options.trained_blocks)
+    base_key = (options.base, network.cut, options.trained_blocks, augment.VERSION)
     key = _digest(base_key, views, options.seed, [hashlib.sha256(b).hexdigest() for b in anchor_bytes])
     anchors = cache.features("anchors", viewed(anchor_bytes, augment.street, 1), key)
     key = _digest(base_key, views, options.seed, [hashlib.sha256(b).hexdigest() for b in product_bytes])
