@@ -346,6 +346,7 @@ def plugins(config_path) -> None:
         "detector": settings.models.detector,
         "encoder": settings.models.encoder,
         "classifier": settings.models.classifier,
+        "reranker": settings.models.reranker,
     }
     for plugin, roles in sorted(table.items()):
         click.echo(plugin + packages.get(plugin, " (built in)"))
@@ -475,3 +476,112 @@ def search_command(image: Path, url: str, k: int, collection: str, category: str
             click.echo("  (no hits)")
     timings = ", ".join(f"{stage} {ms:.0f}" for stage, ms in body["timings_ms"].items())
     click.echo(f"timings (ms): {timings}")
+
+
+@main.command(name="pairs")
+@config_option
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The node's data directory.")
+def pairs_command(config_path, data_dir) -> None:
+    """Street-to-shop pairs mined from posts that name their products: counts per category."""
+    from indexer.training.pairs import counts, resolve
+
+    settings = _settings(config_path, data_dir=data_dir)
+    dataset = resolve(settings.data_dir / "pairs")
+    table = counts(dataset)
+    click.echo(f"{'category':<14} {'pairs':>7} {'products':>9} {'posts':>7}")
+    for category, row in table.items():
+        click.echo(f"{category:<14} {row['pairs']:>7} {row['products']:>9} {row['posts']:>7}")
+    total = sum(r["pairs"] for r in table.values())
+    click.echo(f"{'total':<14} {total:>7} {len({p.product_id for p in dataset.pairs}):>9} {dataset.posts:>7}")
+    if dataset.dropped:
+        click.echo("garments not paired: " + ", ".join(f"{k} {v}" for k, v in sorted(dataset.dropped.items())))
+
+
+@main.command(name="train")
+@config_option
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The node's data directory.")
+@click.option("--dim", type=click.IntRange(8, 4096), default=128, show_default=True, help="Projection head size.")
+@click.option("--unfreeze", type=click.IntRange(0, 16), default=0, show_default=True, help="Last base blocks to train.")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Learning rate of the head.")
+@click.option("--block-lr", type=float, default=3e-4, show_default=True, help="Learning rate of unfrozen blocks.")
+@click.option("--views", type=click.IntRange(1), default=4, show_default=True, help="Augmented views cached per image.")
+@click.option("--heldout", type=click.FloatRange(0, 0.9), default=0.2, show_default=True, help="Share of products.")
+@click.option("--max-pairs", type=click.IntRange(2), help="Train on at most this many pairs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Model directory (default: versioned).")
+@click.option("--swap", "swap_url", help="Then start the new generation on this node (URL of its API).")
+@click.option("--token", envvar="LOOKSTREAM_ADMIN_TOKEN", help="Admin token for --swap (or LOOKSTREAM_ADMIN_TOKEN).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def train_command(
+    config_path,
+    data_dir,
+    dim,
+    unfreeze,
+    epochs,
+    batch_size,
+    lr,
+    block_lr,
+    views,
+    heldout,
+    max_pairs,
+    seed,
+    out,
+    swap_url,
+    token,
+    no_progress,
+) -> None:
+    """Fine-tune the active encoder on the mined pairs; write a versioned model directory (and swap it in)."""
+    from indexer.training.trainer import TrainOptions, train
+
+    settings = _settings(config_path, data_dir=data_dir)
+    options = TrainOptions(
+        base=settings.models.encoder,
+        dim=dim,
+        trained_blocks=unfreeze,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        block_lr=block_lr,
+        views=views,
+        heldout=heldout,
+        max_pairs=max_pairs,
+        seed=seed,
+    )
+    try:
+        result = train(
+            settings.data_dir,
+            options,
+            out=out,
+            threads=settings.models.cpu_threads,
+            progress=not no_progress,
+            echo=click.echo,
+        )
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"model written to {result.path}")
+    if swap_url:
+        _swap(swap_url, token, settings, result.path)
+
+
+def _swap(url: str, token: str | None, settings: Settings, path: Path) -> None:
+    """POST /admin/swap with the active options plus the new model's path."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    options = {**settings.models.options, "finetuned": {"path": str(path.resolve())}}
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/admin/swap",
+        data=json.dumps({"encoder": "finetuned", "options": options}).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise click.ClickException(f"swap refused, {e.code}: {e.read().decode(errors='replace')}") from e
+    except urllib.error.URLError as e:
+        raise click.ClickException(f"cannot reach {url}: {e.reason}") from e
+    click.echo(f"generation {body.get('generation')} started on {url}: {body.get('state') or body.get('note')}")

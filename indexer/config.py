@@ -77,6 +77,9 @@ class ModelSettings(BaseModel):
     #: A detector per collection where it differs from ``detector``, e.g. ``[models.detectors] posts =
     #: "ssd-street"``: catalog thumbnails want the whole image, street photos a garment or person detector.
     detectors: dict[Literal["products", "posts"], str] = Field(default_factory=dict)
+    #: A re-ranker that re-scores the nearest hits of each query item (None: off; docs/plugins.md).
+    #: It changes answers, not shards, so it is not part of the model generation: it applies from the next start.
+    reranker: str | None = None
 
     def detector_for(self, collection: str) -> str:
         return self.detectors.get(collection, self.detector)
@@ -261,6 +264,19 @@ class ClusterSettings(BaseModel):
     allow_partial: bool = True
 
 
+class PairSettings(BaseModel):
+    """Street-to-shop pairs mined from posts that name their products (indexer/training/pairs.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Mine pairs into ``data_dir/pairs`` while a durable node indexes posts.
+    enabled: bool = True
+    # Garment crops kept at most; posts past it are counted, not stored (about 10 KB a crop).
+    max_anchors: int = Field(100_000, ge=1)
+    # Crops are stored as JPEGs at most this many pixels on a side.
+    crop_max_side: int = Field(256, ge=32)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -272,6 +288,7 @@ class Settings(BaseModel):
     ingest: IngestSettings = IngestSettings()
     shards: ShardSettings = ShardSettings()
     cluster: ClusterSettings = ClusterSettings()
+    pairs: PairSettings = PairSettings()
     disabled_plugins: tuple[str, ...] = ()
 
     @classmethod

@@ -30,6 +30,7 @@ from indexer.store import backends
 from indexer.store.checkpoint import Checkpointer, load_latest
 from indexer.store.shards import ShardSet
 from indexer.store.thumbnails import ThumbnailStore
+from indexer.training import pairs
 from plugins.manager import Models, build_plugin_manager, load_models, resolve_device, resolve_runtime
 from plugins.models import ModelContext
 
@@ -46,7 +47,14 @@ def load(settings: Settings, selection: ModelSettings) -> Models:
         cache_dir=settings.data_dir / "models",
     )
     models = load_models(
-        pm, selection.detector, selection.encoder, selection.classifier, context, selection.options, selection.detectors
+        pm,
+        selection.detector,
+        selection.encoder,
+        selection.classifier,
+        context,
+        selection.options,
+        selection.detectors,
+        selection.reranker,
     )
     log.info(
         "models: %s/%s/%s on %s (%s)",
@@ -142,6 +150,8 @@ class Generation:
         generation = cls(generation_id(ident), selection, models, pipeline, ShardSet(models.encoder.dim, s, backend))
         generation.replica = replica
         if durable:
+            if settings.pairs.enabled:
+                pipeline.observer = pairs.miner(settings.data_dir / "pairs", settings.pairs).observe
             root = settings.data_dir / "checkpoints" / generation.id
             generation.checkpointer = Checkpointer(root, ident, s.checkpoint_interval_s)
             restored = load_latest(root, ident, s, backend, generation.skipped_checkpoints)

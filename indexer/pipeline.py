@@ -32,7 +32,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +96,9 @@ class Pipeline:
         self.batch_size = batch_size
         self.model_attempts = model_attempts
         self.sources = sources or ImageSources(images)
+        #: Called with (event, decoded image, upsert) for each event analysed, e.g. to mine training pairs
+        #: (indexer/training/pairs.py). A failure there is logged and never fails the event.
+        self.observer: Callable[[Event, Decoded, Upsert], None] | None = None
         #: Prepares the next group of a batch (read, decode, thumbnail) while the models run on this one.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="lookstream-prepare")
 
@@ -169,12 +172,23 @@ class Pipeline:
             detector = self.models.detector_for(collection)
             decoded = [d for _, d, _ in members]
             results = self._analyse_isolating(decoded, [events[i].attrs for i, _, _ in members], detector)
-            for (i, _, thumbnail), result in zip(members, results, strict=True):
+            for (i, image, thumbnail), result in zip(members, results, strict=True):
                 event = events[i]
                 if isinstance(result, Rejection):
                     outcomes[i] = Rejected.of(result)
                 else:
                     outcomes[i] = Upsert(event.collection, event.id, event.ts, event.attrs, tuple(result), thumbnail)
+                    self._observe(event, image, outcomes[i])
+
+    def _observe(self, event: Event, image: Decoded, upsert: Upsert) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer(event, image, upsert)
+        except Exception as e:
+            if is_transient(e):
+                raise
+            log.warning("the pipeline's observer failed on %s %s: %s", event.collection, event.id, describe(e))
 
     def _analyse_isolating(
         self, images: list[Decoded], attrs: list[dict[str, Any]], detector: Detector

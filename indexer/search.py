@@ -18,6 +18,7 @@ the HTTP layer's business (indexer/web/search.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -25,12 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from indexer.config import ImageSettings
-from indexer.images import decode
+from indexer.images import Decoded, decode
 from indexer.pipeline import Pipeline
+from indexer.pipeline import crop as pipeline_crop
 from indexer.store.columns import compile_filter, keyword_value
 from indexer.store.shards import Hit, ShardSet
+from plugins.models import Candidate, Encoder, Reranker, RerankQuery
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class AnalysedQuery:
     whole: np.ndarray
     size: tuple[int, int]  # width, height of the query image
     clock: Stopwatch
+    decoded: Decoded  # what a re-ranker crops the items from
 
 
 def analyse_image(pipeline: Pipeline, images: ImageSettings, data: bytes, photo: str = "product") -> AnalysedQuery:
@@ -131,7 +136,7 @@ def analyse_image(pipeline: Pipeline, images: ImageSettings, data: bytes, photo:
     if whole is None:  # the detector found garments, not the whole image: one more encoder pass
         with clock.stage("encode"):
             whole = pipeline.encode([decoded.image])[0]
-    return AnalysedQuery(items, whole, decoded.original_size, clock)
+    return AnalysedQuery(items, whole, decoded.original_size, clock, decoded)
 
 
 def search_image(
@@ -151,12 +156,58 @@ def search_image(
     query = analyse_image(pipeline, images, data, photo)
     clock = query.clock
     with clock.stage("search"):
-        results = [
-            QueryItem(item.box, item.label, item.category, item.score, _search(shards, item.vector, k, where))
-            for item in query.items
-        ]
+        found = [_search(shards, item.vector, _wanted(pipeline, k), where) for item in query.items]
         hits = _search(shards, query.whole, k, where)
+    reranker = pipeline.models.reranker
+    if reranker is not None:
+        with clock.stage("rerank"):
+            found = [
+                rerank(reranker, pipeline.models.encoder, shards, crop(query.decoded, item.box), item.vector, hits_, k)
+                for item, hits_ in zip(query.items, found, strict=True)
+            ]
+    results = [
+        QueryItem(item.box, item.label, item.category, item.score, hits_)
+        for item, hits_ in zip(query.items, found, strict=True)
+    ]
     return QueryResult(results, hits, clock.total(), query.size)
+
+
+def _wanted(pipeline: Pipeline, k: int) -> int:
+    reranker = pipeline.models.reranker
+    return max(k, reranker.candidates) if reranker is not None else k
+
+
+def crop(decoded: Decoded, box: tuple[int, int, int, int]) -> Image.Image:
+    """An item's crop from the decoded image, its box given in the original image's pixels."""
+    image = decoded.image
+    sx, sy = image.width / decoded.original_size[0], image.height / decoded.original_size[1]
+    x0, y0, x1, y1 = box
+    return pipeline_crop(image, (round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)))
+
+
+def rerank(
+    reranker: Reranker,
+    encoder: Encoder,
+    shards: ShardSet,
+    image: Image.Image,
+    vector: np.ndarray,
+    hits: list[Hit],
+    k: int,
+) -> list[Hit]:
+    """The re-ranker's order of ``hits`` (each with its stored item vector), the best ``k`` kept."""
+    stored = {}
+    for hit in hits:
+        for meta, row in shards.record_vectors(hit.collection, hit.id) or []:
+            if meta.item == hit.item:
+                stored[(hit.collection, hit.id)] = row
+    by_key = {(h.collection, h.id): h for h in hits if (h.collection, h.id) in stored}
+    candidates = [Candidate(h.id, h.collection, h.score, stored[key]) for key, h in by_key.items()]
+    ranked = reranker.rerank(RerankQuery(image, vector, encoder), candidates)
+    return [
+        dataclasses.replace(by_key[(c.collection, c.id)], score=c.score)
+        for c in ranked
+        if (c.collection, c.id) in by_key
+    ][:k]
 
 
 def search_vector(shards: ShardSet, vector: np.ndarray, k: int, where: Where) -> list[Hit]:

@@ -42,3 +42,13 @@ def lookstream_register_classifiers(registry: Registry) -> None:
 
     :param registry: as for detectors; factories return a :class:`plugins.models.Classifier`.
     """
+
+
+@hookspec
+def lookstream_register_rerankers(registry: Registry) -> None:
+    """Add re-ranker factories to ``registry``: a second look at the nearest candidates of a query.
+
+    :param registry: as for detectors; factories return a :class:`plugins.models.Reranker`, whose
+        ``rerank(query, candidates)`` re-scores the ``candidates`` nearest hits of each
+        query item. None runs unless ``models.reranker`` names it (off by default).
+    """

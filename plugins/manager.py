@@ -15,19 +15,21 @@ from typing import Any
 import pluggy
 
 from plugins import PROJECT_NAME, hookspecs
-from plugins.models import Classifier, Detector, Encoder, ModelContext
+from plugins.models import Classifier, Detector, Encoder, ModelContext, Reranker
 from plugins.registry import Registry
 
 #: Built-in features are plugins like any other; they can be disabled by these names.
 DEFAULT_PLUGINS = (
     "plugins.builtin.whole_image",
     "plugins.builtin.efficientnet",
+    "plugins.builtin.finetuned",
     "plugins.builtin.classifiers",
     "plugins.builtin.transformers_models",
     "plugins.builtin.ssd_street",
+    "plugins.builtin.rerankers",
 )
 
-ROLES = ("detector", "encoder", "classifier")
+ROLES = ("detector", "encoder", "classifier", "reranker")
 
 
 def build_plugin_manager(disabled: tuple[str, ...] = ()) -> pluggy.PluginManager:
@@ -72,6 +74,8 @@ class Models:
     classifier: Classifier
     #: collection -> its own detector, where it has one (``models.detectors``)
     detectors: Mapping[str, Detector] = field(default_factory=dict)
+    #: re-scores the nearest hits of a query (``models.reranker``); None: off
+    reranker: Reranker | None = None
 
     def detector_for(self, collection: str) -> Detector:
         return self.detectors.get(collection, self.detector)
@@ -102,6 +106,7 @@ def load_models(
     context: ModelContext,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     detectors: Mapping[str, str] | None = None,
+    reranker: str | None = None,
 ) -> Models:
     """Instantiate the three configured models (and a detector per collection); an unknown name lists the known ones.
 
@@ -126,4 +131,5 @@ def load_models(
         detectors={
             collection: create("detector", name) for collection, name in (detectors or {}).items() if name != detector
         },
+        reranker=create("reranker", reranker) if reranker else None,
     )

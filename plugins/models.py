@@ -75,6 +75,35 @@ class Encoder(Protocol):
         """Return a float32 array (len(crops), dim) of L2-normalised vectors."""
 
 
+@dataclass(frozen=True)
+class RerankQuery:
+    """What a re-ranker may look at: the query crop, its vector, and the encoder that made it."""
+
+    image: Image.Image
+    vector: np.ndarray
+    encoder: Encoder
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One hit to re-score: its record id and collection, its score from the index, and its stored vector."""
+
+    id: str
+    collection: str
+    score: float
+    vector: np.ndarray
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    name: str
+    #: How many of the nearest hits it re-scores (the answer keeps the best ``k`` of them).
+    candidates: int
+
+    def rerank(self, query: RerankQuery, candidates: list[Candidate]) -> list[Candidate]:
+        """Return the candidates re-scored (a new ``score`` each), best first."""
+
+
 @runtime_checkable
 class Classifier(Protocol):
     name: str

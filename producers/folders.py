@@ -3,11 +3,14 @@
 Products: ``PATH/<category>/<product_id>.<jpg|png|webp>``, or
 ``PATH/<category>/<product_id>/<image>`` where the first image by name is the
 product's thumbnail (one event carries one image; the others are reported as
-skipped). Posts: ``PATH/<post_id>.<ext>``.
+skipped). Posts: ``PATH/<post_id>.<ext>``, with optional attributes in
+``PATH/<post_id>.json`` (a JSON object merged into ``attrs``, e.g.
+``{"products": ["p1", "p2"]}`` for the products the post shows).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +75,28 @@ def product_events(root: Path, max_bytes: int, max_pixels: int) -> Iterator[Even
             )
 
 
+def _sidecar(image: Path) -> dict | Skipped:
+    """The attributes in ``<post_id>.json`` beside a post's image, if there is one."""
+    path = image.with_suffix(".json")
+    if not path.exists():
+        return {}
+    try:
+        attrs = json.loads(path.read_text())
+    except ValueError as e:
+        return Skipped(path, f"not JSON: {e}")
+    return attrs if isinstance(attrs, dict) else Skipped(path, "not a JSON object")
+
+
 def post_events(root: Path, max_bytes: int, max_pixels: int) -> Iterator[Event | Skipped]:
     for entry in sorted(root.iterdir()):
+        if entry.is_file() and entry.suffix.lower() == ".json":
+            continue  # a post's attributes, read with its image
         if not (entry.is_file() and _is_image_name(entry)):
             yield Skipped(entry, "not a .jpg, .jpeg, .png or .webp file")
             continue
         data = _read_checked(entry, max_bytes, max_pixels)
-        if isinstance(data, Skipped):
-            yield data
+        attrs = _sidecar(entry)
+        if isinstance(data, Skipped) or isinstance(attrs, Skipped):
+            yield data if isinstance(data, Skipped) else attrs
             continue
-        yield Event("post.upsert", entry.stem, now_ms(), image=data, attrs={"source": entry.name})
+        yield Event("post.upsert", entry.stem, now_ms(), image=data, attrs={"source": entry.name, **attrs})

@@ -34,3 +34,14 @@ def test_posts_folder(tmp_path):
     out = list(post_events(tmp_path, **LIMITS))
     assert [(e.type, e.id) for e in out if isinstance(e, Event)] == [("post.upsert", "post-1")]
     assert [s.path.name for s in out if isinstance(s, Skipped)] == ["sub"]
+
+
+def test_a_post_names_its_products_in_a_json_file_beside_it(tmp_path):
+    (tmp_path / "look.jpg").write_bytes(encoded(product_image(1)))
+    (tmp_path / "look.json").write_text('{"products": ["p1", "p2"]}')
+    (tmp_path / "bad.jpg").write_bytes(encoded(product_image(2)))
+    (tmp_path / "bad.json").write_text("[1]")
+    out = list(post_events(tmp_path, **LIMITS))
+    events = {e.id: e for e in out if isinstance(e, Event)}
+    assert events["look"].attrs == {"source": "look.jpg", "products": ["p1", "p2"]}
+    assert [(s.path.name, s.reason) for s in out if isinstance(s, Skipped)] == [("bad.json", "not a JSON object")]

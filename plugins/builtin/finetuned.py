@@ -1,0 +1,176 @@
+"""Encoders fine-tuned by ``lookstream train``, loaded by path from the model directory it writes.
+
+A model directory holds ``config.json`` (the base encoder, the projection
+size, how many of the base's last blocks were trained, a version digest),
+``weights.safetensors`` (the whole network: base and head), and the training's
+``manifest.json`` and ``metrics.json``. Select it with::
+
+    [models]
+    encoder = "finetuned"
+    [models.options.finetuned]
+    path = "lookstream-data/models/efficientnet-lite0-ft-v001"
+
+The network is the base encoder's trunk (EfficientNet-Lite0 today, the
+offline default) followed by a linear projection to ``dim`` (128 by default,
+as the seed's Swin head) and L2 normalisation. It is split at ``cut``, the
+first trained block: the part before it never changes, so the trainer computes
+it once per image view and caches it (indexer/training/). Like the built-in
+EfficientNet it takes uint8 NHWC pixels and runs in ONNX Runtime on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from plugins import hookimpl
+from plugins.builtin import efficientnet, onnx_runtime
+from plugins.builtin.preprocess import resize
+from plugins.models import ModelContext, ModelNotAvailable
+
+FORMAT = 1
+#: Base encoders the trainer can fine-tune, and the size of their pooled features.
+BASES = {"efficientnet-lite0": 1280}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def build_network(base: str, dim: int, trained_blocks: int):
+    """A fresh network: the pretrained base (a private copy) and a projection head, split at its trained part.
+
+    ``trained_blocks`` 0: only the head trains, and ``stem`` gives the pooled
+    base features. n > 0: the last n blocks of the base, its final convolution
+    and the head train; ``stem`` gives the input of the first of those blocks.
+    """
+    import copy
+
+    import torch
+
+    if base not in BASES:
+        raise ValueError(f"cannot fine-tune encoder {base!r}; the trainer knows {', '.join(BASES)}")
+    network = copy.deepcopy(efficientnet.load_network("cpu")).float()
+    blocks = len(network._blocks)
+    if not 0 <= trained_blocks <= blocks:
+        raise ValueError(f"trained_blocks must be between 0 and {blocks}")
+    cut = blocks - trained_blocks
+
+    class FinetunedNetwork(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = network
+            self.head = torch.nn.Linear(BASES[base], dim)
+            self.cut = cut
+            self.trained_blocks = trained_blocks
+
+        def _block(self, idx: int, x):
+            rate = self.base._global_params.drop_connect_rate
+            return self.base._blocks[idx](x, drop_connect_rate=rate * idx / blocks if rate else rate)
+
+        def _pooled(self, x):
+            return self.base._swish(self.base._bn1(self.base._conv_head(x))).mean(dim=(2, 3))
+
+        def stem(self, pixels):
+            """uint8 NHWC -> what the trained part starts from (never trained, so it can be cached)."""
+            base = self.base
+            x = efficientnet._normalised(base, pixels)
+            x = base._swish(base._bn0(base._conv_stem(x)))
+            for idx in range(self.cut):
+                x = self._block(idx, x)
+            return self._pooled(x) if self.trained_blocks == 0 else x
+
+        def pooled(self, x):
+            """The trained blocks on ``stem``'s output: the base's pooled features."""
+            if self.trained_blocks == 0:
+                return x
+            for idx in range(self.cut, blocks):
+                x = self._block(idx, x)
+            return self._pooled(x)
+
+        def rest(self, x):
+            """From ``stem``'s output to the L2-normalised embedding."""
+            return torch.nn.functional.normalize(self.head(self.pooled(x)), dim=1)
+
+        def forward(self, pixels):
+            return self.rest(self.stem(pixels))
+
+        def trainable(self) -> list:
+            """What ``lookstream train`` updates: the head, then the trained blocks and the last convolution."""
+            params = list(self.head.parameters())
+            if self.trained_blocks:
+                for block in self.base._blocks[self.cut :]:
+                    params += list(block.parameters())
+                params += [*self.base._conv_head.parameters(), *self.base._bn1.parameters()]
+            return params
+
+    return FinetunedNetwork().eval()
+
+
+def save(network, path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Write the weights and config.json into ``path``; the version is a digest of the weights."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in network.state_dict().items()}
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].cpu().numpy().tobytes())
+    config = {**config, "format": FORMAT, "version": digest.hexdigest()[:16]}
+    save_file(state, str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    return config
+
+
+def load(path: Path):
+    """The network of a model directory, and its config."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (OSError, ValueError) as e:
+        raise ModelNotAvailable(
+            f"no fine-tuned model at {str(path)!r} ({e}); `lookstream train` writes one (models.options.finetuned.path)"
+        ) from e
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path}: model format {config.get('format')!r}, this lookstream reads {FORMAT}")
+    network = build_network(config["base"], int(config["dim"]), int(config["trained_blocks"]))
+    network.load_state_dict(state)
+    return network.eval(), config
+
+
+class FinetunedEncoder:
+    """A ``lookstream train`` model directory (option ``path``) as an encoder."""
+
+    name = "finetuned"
+
+    def __init__(self, context: ModelContext) -> None:
+        path = context.options.get("path")
+        if not path:
+            raise ValueError("models.options.finetuned.path must name a model directory written by `lookstream train`")
+        network, config = load(Path(path))
+        self.dim = int(config["dim"])
+        self.version = f"{config['base']}-{config['version']}"
+        self.size = tuple(config.get("input_size", efficientnet.INPUT_SIZE))
+        import torch
+
+        network = network.to(context.device, torch.float16 if context.device == "cuda" else torch.float32)
+        self.run = onnx_runtime.runner(
+            network, (1, *self.size, 3), f"finetuned-{config['version']}", context, input_dtype="uint8"
+        )
+
+    def encode(self, crops: list[Image.Image]) -> np.ndarray:
+        if not crops:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.asarray(self.run(resize(crops, self.size)), dtype=np.float32)
+
+
+@hookimpl
+def lookstream_register_encoders(registry):
+    registry.add(FinetunedEncoder.name, FinetunedEncoder)
