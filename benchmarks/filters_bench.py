@@ -68,13 +68,16 @@ def attributes(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.random(n), rng.integers(BRANDS, size=n)
 
 
-def insert(shards: ShardSet, vectors: np.ndarray, prices: np.ndarray, brands: np.ndarray, batch: int = 2000) -> None:
+def insert(
+    shards: ShardSet, vectors: np.ndarray, prices: np.ndarray, brands: np.ndarray, batch: int = 2000, start: int = 0
+) -> None:
+    """Records ``p<start + j>`` for the rows j of these arrays, ``batch`` to an applied batch."""
     for i in range(0, len(vectors), batch):
         shards.apply(
             [
                 Upsert(
                     "products",
-                    f"p{j}",
+                    f"p{start + j}",
                     0,
                     {"price": float(prices[j]), "brand": f"b{brands[j]}"},
                     (Item("top", vectors[j], (0, 0, 1, 1), None, 1.0),),
@@ -229,7 +232,7 @@ def bulk_load(n: int, dim: int, batch: int = 2000) -> dict:
             shards.maintain()
             time.sleep(0.05)
             held_s += time.perf_counter() - wait
-        insert(shards, base[i : i + batch], prices[i : i + batch], brands[i : i + batch], batch=batch)
+        insert(shards, base[i : i + batch], prices[i : i + batch], brands[i : i + batch], batch=batch, start=i)
         shards.maintain()
     loaded_s = time.perf_counter() - started
     phase["name"] = "after"

@@ -393,6 +393,20 @@ vectors; metadata: the store's columns and blobs per row, filter columns include
             )
     header = ["records", "codec", "selectivity", "matching", "p50 / p99", "FAISS + selector alone", "recall@10"]
     page.add(_table([*header, "fewest hits", "goal"], rows))
+    bulk = _load(page.results, "filters-bulk-load")
+    if bulk:
+        for phase in ("during", "after"):
+            ratio = bulk.get(f"p99_ratio_{phase}")
+            if ratio is not None:
+                page.goal(f"query p99 {phase} a bulk load of {bulk['n']:,} rows ≤ 2x settled", f"{ratio}x", ratio <= 2)
+        page.add(
+            f"""
+Bulk load (`filters_bench --bulk-load {bulk["n"]}`): {bulk["n"]:,} x {bulk["dim"]} rows applied as fast as the store
+takes them, holding back while `ShardSet.backlogged()` as the consumer does, one thread querying all the while.
+Loaded in {bulk["load_s"]} s, of which {bulk["held_s"]} s held back waiting for rebuilds; settled at
+{bulk["settled_s"]} s. Query p50 / p99 during the load {_ms(bulk["during"])}, after it until settled
+{_ms(bulk["after"]) if "p99_ms" in bulk["after"] else "(no query)"}, settled {_ms(bulk["settled"])}."""
+        )
     restart = _load(page.results, "filters-restart")
     if restart:
         ok = restart["restart_s"] <= 60
