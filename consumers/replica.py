@@ -57,8 +57,11 @@ class ReplicaConsumer(IndexingConsumer):
         thumbnails: ThumbnailStore | None = None,
         ingest: IngestSettings | None = None,
         fetch_wait_ms: int = 500,
+        ready_max_lag: int = 1000,
     ) -> None:
         super().__init__(kafka, None, shards, stats, checkpointer, restored_offsets, thumbnails, ingest)
+        #: further behind than this the replica is not ready, and routers do not ask it (api.ready_max_lag)
+        self.ready_max_lag = ready_max_lag
         #: how long the broker may hold a fetch while no record is there (kafka-python's fetch_max_wait_ms)
         self.fetch_wait_ms = fetch_wait_ms
         self.records_topic = records_topic
@@ -123,6 +126,15 @@ class ReplicaConsumer(IndexingConsumer):
             origins[origin.name] = max(origins.get(origin.name, 0), origin.offset + 1)
         self._origins = origins
         return ops, sources, bad
+
+    def _hold_back_while_backlogged(self, consumer) -> None:
+        """A replica that is not ready answers no router, so it catches up at full speed; once ready it holds back."""
+        if self.lag and max(self.lag.values()) > self.ready_max_lag:
+            paused = consumer.paused()
+            if paused:
+                consumer.resume(*paused)
+            return
+        super()._hold_back_while_backlogged(consumer)
 
     def _deliver(self, ops: list[Upsert | Delete], sources: list[ConsumerRecord], producer: KafkaProducer) -> int:
         searchable_at = super()._deliver(ops, sources, producer)

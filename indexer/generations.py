@@ -195,6 +195,7 @@ class Generation:
                 thumbnails,
                 settings.ingest,
                 settings.cluster.replica_fetch_wait_ms,
+                settings.api.ready_max_lag,
             )
             self.consumer.start()
             return

@@ -182,3 +182,37 @@ def test_fetching_pauses_while_a_rebuild_lags_far_behind_and_resumes_once_it_is_
     consumer._hold_back_while_backlogged(client)
     assert client.held == set()
     shards.close()
+
+
+def test_a_replica_catching_up_does_not_hold_back_and_holds_back_once_ready(monkeypatch):
+    """Routers ask only ready replicas: one far behind gains nothing by sparing its queries."""
+    from consumers.replica import ReplicaConsumer
+
+    shards = ShardSet(4)
+    monkeypatch.setattr(shards, "backlogged", lambda: True)
+    replica = ReplicaConsumer(KafkaSettings(), "records", None, shards, IngestStats(), ready_max_lag=1000)
+
+    class Client:
+        def __init__(self) -> None:
+            self.held: set = set()
+
+        def assignment(self):
+            return {("records", 0)}
+
+        def paused(self):
+            return set(self.held)
+
+        def pause(self, *partitions):
+            self.held |= set(partitions)
+
+        def resume(self, *partitions):
+            self.held -= set(partitions)
+
+    client = Client()
+    replica.lag = {("records", 0): 50_000}
+    replica._hold_back_while_backlogged(client)
+    assert client.held == set()
+    replica.lag = {("records", 0): 10}
+    replica._hold_back_while_backlogged(client)
+    assert client.held == {("records", 0)}
+    shards.close()
