@@ -1,7 +1,7 @@
 """Run every benchmark, then write docs/benchmarks.md from the results.
 
 \b
-    python -m benchmarks --profile quick            # a laptop: about 35 minutes on 2 cores
+    python -m benchmarks --profile quick            # a laptop: about 75 minutes on 2 cores
     python -m benchmarks --profile full             # a bigger machine: longer phases, 1M x 1280 too
     python -m benchmarks --only gpu models-gpu      # some steps (on a GPU machine, say); the report keeps the rest
     python -m benchmarks --report                   # only rewrite docs/benchmarks.md from benchmarks/results
