@@ -110,7 +110,7 @@ def recall(found: list[list[int]], exact: list[set[int]]) -> float:
 
 def measure(n: int, dim: int, codec: str, queries_n: int, queue) -> None:
     """In a fresh process: everything for one codec."""
-    from indexer.search import Where, _search
+    from indexer.search import Where, search_vector
     from indexer.store.checkpoint import load_latest, write_checkpoint
     from indexer.store.shards import one_openmp_thread, release_freed_memory
 
@@ -155,7 +155,7 @@ def measure(n: int, dim: int, codec: str, queries_n: int, queue) -> None:
     for s in SELECTIVITIES:
         where = Where(("products",), ranges={"price": (0.0, s)})
         matching = np.flatnonzero(prices <= s)
-        found, latency = timed_queries(lambda q, w=where: ids(_search(shards, q, 10, w)), queries)
+        found, latency = timed_queries(lambda q, w=where: ids(search_vector(shards, q, 10, w)), queries)
         exact = exact_top(base, queries, matching)
         row = {
             "selectivity": s,

@@ -98,24 +98,38 @@ class Member:
             raise ValueError(f"not an announcement: {e}") from e
 
 
-class Announcer:
-    """A serve node's thread that announces what ``describe()`` returns, every interval, until stopped."""
+class _Worker:
+    """A daemon thread running ``_run`` until ``stop()``."""
 
-    def __init__(self, kafka: KafkaSettings, cluster: ClusterSettings, describe: Callable[[], Member]) -> None:
+    thread_name: str
+
+    def __init__(self, kafka: KafkaSettings, cluster: ClusterSettings) -> None:
         self.kafka = kafka
         self.cluster = cluster
-        self.describe = describe
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lookstream-announcer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Announcer(_Worker):
+    """A serve node's thread that announces what ``describe()`` returns, every interval, until stopped."""
+
+    thread_name = "lookstream-announcer"
+
+    def __init__(self, kafka: KafkaSettings, cluster: ClusterSettings, describe: Callable[[], Member]) -> None:
+        super().__init__(kafka, cluster)
+        self.describe = describe
 
     def _run(self) -> None:
         producer = None
@@ -142,29 +156,19 @@ class Announcer:
             self._stop.wait(self.cluster.announce_interval_s)
 
 
-class Directory:
+class Directory(_Worker):
     """A router's view of the membership topic: the newest announcement per URL, read by a thread."""
 
+    thread_name = "lookstream-membership"
+
     def __init__(self, kafka: KafkaSettings, cluster: ClusterSettings) -> None:
-        self.kafka = kafka
-        self.cluster = cluster
+        super().__init__(kafka, cluster)
         self._members: dict[str, Member] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def members(self) -> list[Member]:
         """Announced members whose announcement has not expired."""
         at = now_ms()
         return [m for m in list(self._members.values()) if m.alive(at)]
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lookstream-membership", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
     def _run(self) -> None:
         while not self._stop.is_set():

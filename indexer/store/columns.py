@@ -216,27 +216,12 @@ class Columns:
             "ts": np.fromiter((ts for _, _, ts, *_ in rows), np.int64, n),
             "blob_end": np.cumsum(np.fromiter(map(len, blobs), np.int64, n)),
         }
-        for name, vocabulary in codes.keywords.items():
-            values = (keyword_value(attrs.get(name)) for *_, attrs in rows)
-            arrays[f"kw.{name}"] = np.fromiter(
-                (MISSING if v is None else vocabulary.code(v) for v in values), np.int32, n
-            )
-        for name in codes.spec.numeric:
-            arrays[f"num.{name}"] = np.fromiter((numeric_value(attrs.get(name)) for *_, attrs in rows), np.float64, n)
+        arrays.update(_filter_columns(codes, [attrs for *_, attrs in rows]))
         return cls(arrays, np.frombuffer(b"".join(blobs), np.uint8).copy() if blobs else np.empty(0, np.uint8))
 
     def recompute_filters(self, codes: Codes, count: int) -> None:
         """Fill the filter columns of ``codes.spec`` from the blobs (after the configured attributes changed)."""
-        fresh = Columns.empty(codes.spec, count)
-        for name in codes.spec.columns():
-            self.arrays[name] = fresh.arrays[name]
-        for r in range(count):
-            _, attrs = self.blob(r)
-            for name, vocabulary in codes.keywords.items():
-                value = keyword_value(attrs.get(name))
-                self.arrays[f"kw.{name}"][r] = MISSING if value is None else vocabulary.code(value)
-            for name in codes.spec.numeric:
-                self.arrays[f"num.{name}"][r] = numeric_value(attrs.get(name))
+        self.arrays.update(_filter_columns(codes, [self.blob(r)[1] for r in range(count)]))
 
     # -- the writer: rows past the published count -----------------------------------------
 
@@ -334,6 +319,18 @@ class Columns:
             log.warning("indexing new filter attributes of %d rows from their attrs (once)", len(arrays["record"]))
             columns.recompute_filters(codes, len(arrays["record"]))
         return columns
+
+
+def _filter_columns(codes: Codes, attrs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The filter columns of rows with these attrs: a keyword value's code (or MISSING), a number (or NaN)."""
+    n = len(attrs)
+    out = {}
+    for name, vocabulary in codes.keywords.items():
+        values = (keyword_value(a.get(name)) for a in attrs)
+        out[f"kw.{name}"] = np.fromiter((MISSING if v is None else vocabulary.code(v) for v in values), np.int32, n)
+    for name in codes.spec.numeric:
+        out[f"num.{name}"] = np.fromiter((numeric_value(a.get(name)) for a in attrs), np.float64, n)
+    return out
 
 
 def _gather_bytes(arena: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

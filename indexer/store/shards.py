@@ -370,10 +370,11 @@ class ShardSet:
             for op in ops:
                 last.pop((op.collection, op.record_id), None)
                 last[(op.collection, op.record_id)] = op
+            hashed = {record: record_hash(*record) for record in last}
             touched: dict[str, tuple[list[int], list[str]]] = {}
-            for collection, record_id in last:
+            for (collection, record_id), h in hashed.items():
                 hashes, ids = touched.setdefault(collection, ([], []))
-                hashes.append(record_hash(collection, record_id))
+                hashes.append(h)
                 ids.append(record_id)
             existed: dict[str, set[int]] = {}
             for (collection, _), shard in self._shards.items():
@@ -384,7 +385,7 @@ class ShardSet:
             rows: dict[ShardKey, list[tuple]] = {}
             vectors: dict[ShardKey, list[np.ndarray]] = {}
             for (collection, record_id), op in last.items():
-                was = record_hash(collection, record_id) in existed.get(collection, ())
+                was = hashed[(collection, record_id)] in existed.get(collection, ())
                 now = isinstance(op, Upsert) and bool(op.items)
                 self._record_counts[collection] = self._record_counts.get(collection, 0) + now - was
                 if not now:

@@ -67,7 +67,8 @@ async def similar(request: web.Request) -> web.Response:
         )
     except query_flow.NotIndexed as e:
         raise error(web.HTTPNotFound, str(e)) from e
-    return json_body({"hits": [hit_json(h) for h in hits], **facets_json(hits, search)})
+    found = [hit_json(h) for h in hits]
+    return json_body({"hits": found, **facets_json(found, search)})
 
 
 async def recent(request: web.Request) -> web.Response:

@@ -46,7 +46,7 @@ from indexer.kafka.membership import Directory, Member, now_ms
 from indexer.web import fanout, ops
 from indexer.web.errors import error, json_body, json_errors
 from indexer.web.params import SearchParams, collection, number
-from indexer.web.search import FLOAT32_MAX, _read_image
+from indexer.web.search import FLOAT32_MAX, _read_image, facets_json, image_answer
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +254,6 @@ def _params(source: Mapping[str, Any], settings: Settings) -> tuple[SearchParams
     return params, params.as_json()
 
 
-def _facets(hits: list[dict[str, Any]], params: SearchParams) -> dict[str, Any]:
-    """Facets over the merged hits, as a node counts them over its own."""
-    return {"facets": query_flow.facets((h["attrs"] for h in hits), params.facets)} if params.facets else {}
-
-
 def _answer_info(choice: fanout.Choice, missing: list[int]) -> dict[str, Any]:
     return {"generation": choice.generation, "missing_partitions": missing, "partitions_total": choice.total}
 
@@ -287,27 +282,8 @@ async def search(request: web.Request) -> web.Response:
             results, missing = await router.search_vectors(vectors, body, params.k, choice)
     except NoReplica as e:
         raise error(web.HTTPServiceUnavailable, str(e)) from e
-    width, height = query.size
-    return json_body(
-        {
-            "collections": list(params.collections),
-            "image": {"width": width, "height": height},
-            "items": [
-                {
-                    "box": list(item.box),
-                    "label": item.label,
-                    "category": item.category,
-                    "score": item.score,
-                    "hits": hits,
-                }
-                for item, hits in zip(query.items, results, strict=False)
-            ],
-            "hits": results[-1],
-            **_facets(results[-1], params),
-            "timings_ms": query.clock.total(),
-            **_answer_info(choice, missing),
-        }
-    )
+    answer = image_answer(params, query.size, query.items, results[:-1], results[-1], query.clock.total())
+    return json_body({**answer, **_answer_info(choice, missing)})
 
 
 async def search_vector(request: web.Request) -> web.Response:
@@ -332,7 +308,7 @@ async def search_vector(request: web.Request) -> web.Response:
         (hits,), missing = await router.search_vectors([vector.tolist()], passed, params.k, choice)
     except NoReplica as e:
         raise error(web.HTTPServiceUnavailable, str(e)) from e
-    return json_body({"hits": hits, **_facets(hits, params), **_answer_info(choice, missing)})
+    return json_body({"hits": hits, **facets_json(hits, params), **_answer_info(choice, missing)})
 
 
 async def item(request: web.Request) -> web.Response:
@@ -389,7 +365,7 @@ async def similar(request: web.Request) -> web.Response:
     except NoReplica as e:
         raise error(web.HTTPServiceUnavailable, str(e)) from e
     hits = [h for h in hits if (h["collection"], h["id"]) != (name, record_id)][: params.k]
-    return json_body({"hits": hits, **_facets(hits, params), **_answer_info(choice, missing)})
+    return json_body({"hits": hits, **facets_json(hits, params), **_answer_info(choice, missing)})
 
 
 async def recent(request: web.Request) -> web.Response:

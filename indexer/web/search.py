@@ -58,31 +58,43 @@ async def search(request: web.Request) -> web.Response:
     except InvalidImage as e:
         raise error(web.HTTPBadRequest, str(e)) from e
     request.app[METRICS].observe_query(result.timings_ms)
-    width, height = result.size
+    item_hits = [[hit_json(h) for h in item.hits] for item in result.items]
     return json_body(
-        {
-            "collections": list(params.collections),
-            "image": {"width": width, "height": height},
-            "items": [
-                {
-                    "box": list(item.box),
-                    "label": item.label,
-                    "category": item.category,
-                    "score": item.score,
-                    "hits": [hit_json(h) for h in item.hits],
-                }
-                for item in result.items
-            ],
-            "hits": [hit_json(h) for h in result.hits],
-            **facets_json(result.hits, params),
-            "timings_ms": result.timings_ms,
-        }
+        image_answer(
+            params, result.size, result.items, item_hits, [hit_json(h) for h in result.hits], result.timings_ms
+        )
     )
 
 
-def facets_json(hits: list[Hit], params: SearchParams) -> dict[str, Any]:
-    """``{"facets": {attribute: {value: count}}}`` over the hits when asked for, else nothing."""
-    return {"facets": query_flow.facets((h.attrs for h in hits), params.facets)} if params.facets else {}
+def image_answer(
+    params: SearchParams,
+    size: tuple[int, int],
+    items: list[Any],
+    item_hits: list[list[dict[str, Any]]],
+    hits: list[dict[str, Any]],
+    timings_ms: dict[str, float],
+) -> dict[str, Any]:
+    """The body of ``POST /search``: per detected item (box, label, category, score) its hits, and the image's.
+
+    A node and a router (indexer/web/router.py) answer with it alike.
+    """
+    width, height = size
+    return {
+        "collections": list(params.collections),
+        "image": {"width": width, "height": height},
+        "items": [
+            {"box": list(item.box), "label": item.label, "category": item.category, "score": item.score, "hits": found}
+            for item, found in zip(items, item_hits, strict=True)
+        ],
+        "hits": hits,
+        **facets_json(hits, params),
+        "timings_ms": timings_ms,
+    }
+
+
+def facets_json(hits: list[dict[str, Any]], params: SearchParams) -> dict[str, Any]:
+    """``{"facets": {attribute: {value: count}}}`` over these hits (as answered) when asked for, else nothing."""
+    return {"facets": query_flow.facets((h["attrs"] for h in hits), params.facets)} if params.facets else {}
 
 
 async def search_vector(request: web.Request) -> web.Response:
@@ -115,7 +127,8 @@ async def search_vector(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         raise error(web.HTTPBadRequest, str(e)) from e
-    return json_body({"hits": [hit_json(h) for h in hits], **facets_json(hits, params)})
+    found = [hit_json(h) for h in hits]
+    return json_body({"hits": found, **facets_json(found, params)})
 
 
 async def _read_image(request: web.Request) -> bytes:
