@@ -60,9 +60,14 @@ def insert(shards: ShardSet, vectors: np.ndarray, start: int = 0, batch: int = 2
 
 
 def settle(shards: ShardSet) -> None:
+    """Until no build runs or is due, including the merge of an idle shard's segments into one."""
     for _ in range(10):
         shards.wait_for_rebuilds()
         shards.apply([])  # lets the writer schedule the next rebuild if one is due
+    shards.wait_for_rebuilds()
+    while shards.settings.merge_when_idle_s and any(len(s.sealed) > 1 for s in shards.view.shards.values()):
+        time.sleep(0.5)
+        shards.maintain()
     shards.wait_for_rebuilds()
 
 

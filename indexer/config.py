@@ -164,9 +164,15 @@ class ShardSettings(BaseModel):
 
     # Below this many live rows a shard is not sealed: exact search over it is fast enough.
     seal_min_rows: int = Field(10_000, ge=1)
-    # A sealed shard is rebuilt once its growing segment (searched exactly) holds this many rows...
+    # The growing segment (searched exactly) is sealed into a segment of its own once it holds this many rows.
     growing_max_rows: int = Field(20_000, ge=1)
-    # ...or once this share of its sealed rows is deleted (a rebuild reclaims them)...
+    # Sealed segments of one size tier (below merge_factor x growing_max_rows rows, then each factor
+    # more) are merged into one once there are this many: fewer segments to search, and each row
+    # rebuilt about log(rows / growing_max_rows) times over its life.
+    merge_factor: int = Field(4, ge=2)
+    # After this many seconds without writes, a shard's sealed segments are merged into one (0: never).
+    merge_when_idle_s: float = Field(30.0, ge=0)
+    # A sealed segment is rebuilt on its own once this share of its rows is deleted (reclaiming them)...
     rebuild_dead_fraction: float = Field(0.2, gt=0, le=1)
     # ...and at least this many: a few deletes in a small shard are not worth a rebuild.
     rebuild_min_dead: int = Field(1024, ge=1)
@@ -180,8 +186,8 @@ class ShardSettings(BaseModel):
     hnsw_ef_search: int = Field(128, ge=1)
     # IVF lists searched per query, as a share of the lists (never fewer than 8).
     ivf_nprobe_fraction: float = Field(1 / 16, gt=0, le=1)
-    # While a shard's rebuild runs, new rows wait in its growing segment, searched exactly. Once one
-    # holds this many times growing_max_rows, the consumer stops fetching until the rebuild is in, so
+    # While a shard's flush runs, new rows wait in its growing segment, searched exactly. Once one
+    # holds this many times growing_max_rows, the consumer stops fetching until the flush is in, so
     # that a bulk load slows ingest rather than every query (0: never wait).
     growing_hold_factor: float = Field(4.0, ge=0)
     # A checkpoint is written at most this often, and only when something changed.

@@ -78,8 +78,13 @@ class Backend(ABC):
         settings: ShardSettings,
         previous: Segment | None = None,
         codec: str = "float32",
+        interim: bool = False,
     ) -> Segment:
-        """A sealed segment over these rows, storing vectors as ``codec``; runs in the background builder thread."""
+        """A sealed segment over these rows, storing vectors as ``codec``; runs in a background builder thread.
+
+        ``interim``: the segment will soon be merged (a flush, a merge of one
+        size tier), so it should be quick to build rather than the best to search.
+        """
 
     @abstractmethod
     def make_live(self, segment: Segment, settings: ShardSettings) -> Segment:
@@ -144,14 +149,20 @@ class FaissBackend(Backend):
         settings: ShardSettings,
         previous: Segment | None = None,
         codec: str = "float32",
+        interim: bool = False,
     ) -> Segment:
         """An index over these rows: exact flat when small, HNSW when medium, IVF when large.
 
         FAISS releases the GIL while it works, so queries go on meanwhile.
         An ANN index reads its rows a block at a time (see ``RowSource``).
-        An IVF rebuild keeps the ``previous`` segment's centroids while the shard
-        has at most twice the rows they were trained for: training (k-means) is
-        most of an IVF build, 15 of 18 minutes at 1M x 1280 on one core.
+        An IVF build keeps the ``previous`` segment's centroids while it has at
+        most twice the rows they were trained for: training (k-means) is most
+        of an IVF build, 15 of 18 minutes at 1M x 1280 on one core.
+
+        An ``interim`` segment is IVF whatever its size: HNSW inserts about
+        3,000-6,000 rows a second on one core (128-d, M 32), IVF-Flat with
+        centroids at hand about 100,000, and searching either costs about the
+        same below 200,000 rows (docs/architecture.md, "Shards").
         """
         rows = RowSource.of(vectors)
         n, dim = len(rows), rows.dim
@@ -159,7 +170,7 @@ class FaissBackend(Backend):
             return built_segment(keys, columns, "flat", self, vectors=rows.all())
         _, qtype = CODECS[codec]
         rng = np.random.default_rng(0)
-        if n <= settings.hnsw_max_rows:
+        if n <= settings.hnsw_max_rows and not interim:
             if qtype is None:
                 index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             else:
@@ -296,6 +307,7 @@ class TorchCudaBackend(Backend):
         settings: ShardSettings,
         previous: Segment | None = None,
         codec: str = "float32",
+        interim: bool = False,
     ) -> Segment:
         """Every sealed segment is exact, flat and float32: a matrix product on a GPU beats an ANN index on a CPU."""
         flat = RowSource.of(vectors).all()

@@ -1,7 +1,7 @@
 """Durable checkpoints: the shards and the Kafka offsets they include, written atomically.
 
-A checkpoint is a directory ``checkpoints/ckpt-<seq>/`` holding, per shard, the
-sealed FAISS index (``faiss.write_index``) with its deleted-row mask, the
+A checkpoint is a directory ``checkpoints/ckpt-<seq>/`` holding, per shard, each
+sealed segment's FAISS index (``faiss.write_index``) with its deleted-row mask, the
 growing segment's live vectors (``.npy``), each segment's item keys and
 metadata columns (columns.py) as one ``.npz`` of arrays, the vocabularies of
 labels and keyword values (msgpack), and ``manifest.json`` (offsets, counters,
@@ -51,7 +51,9 @@ from indexer.store.shards import ShardSet, View
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: metadata in columns; 1 (a msgpack list per row) is still read, and converted
+#: 3: several sealed segments a shard; 2 (one sealed segment) is still read, and 1 (a msgpack list
+#: per row) is read and converted to columns
+FORMAT = 3
 MANIFEST = "manifest.json"
 CODES = "codes.msgpack"
 KEEP = 2
@@ -136,18 +138,16 @@ def write_checkpoint(
     shards = []
     for n, ((collection, category), state) in enumerate(sorted(view.shards.items())):
         entry: dict[str, Any] = {"collection": collection, "category": category, "id": n}
-        if state.sealed is not None:
-            sealed = state.sealed
-            entry["sealed"] = sealed.kind
+        entry["sealed"] = [sealed.kind for sealed in state.sealed]
+        for j, sealed in enumerate(state.sealed):
+            stem = f"{n}.sealed.{j}"
             dead = sealed.deleted_at[: sealed.count] <= view.seq
             if sealed.index is not None:
-                files.write_index(f"{n}.sealed.faiss", sealed.index)
+                files.write_index(f"{stem}.faiss", sealed.index)
             else:
-                files.write(f"{n}.sealed.npy", _npy(sealed.vectors[: sealed.count]))
-            files.write(f"{n}.sealed.dead.npy", _npy(dead))
-            files.write(
-                f"{n}.sealed.npz", _npz(sealed.keys[: sealed.count], sealed.columns.to_arrays(None, sealed.count))
-            )
+                files.write(f"{stem}.npy", _npy(sealed.vectors[: sealed.count]))
+            files.write(f"{stem}.dead.npy", _npy(dead))
+            files.write(f"{stem}.npz", _npz(sealed.keys[: sealed.count], sealed.columns.to_arrays(None, sealed.count)))
         growing = state.growing
         live = growing.live_rows(view.seq)
         files.write(f"{n}.growing.npy", _npy(growing.vectors[live]))
@@ -251,7 +251,7 @@ def _load(
     path: Path, generation: dict[str, Any], settings: ShardSettings, backend: Backend | None
 ) -> tuple[Checkpoint, ShardSet]:
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") not in (1, FORMAT):
+    if manifest.get("format") not in (1, 2, FORMAT):
         raise _NotThisGeneration(f"format {manifest.get('format')}")
     if manifest["generation"] != generation:
         raise _NotThisGeneration(f"another model generation {manifest['generation']}")
@@ -277,36 +277,45 @@ def _load(
 
 def _states(
     manifest: dict[str, Any], read: Callable[[str], bytes], path: Path, sums: Any, codes: Codes
-) -> dict[tuple[str, str], tuple[Segment | None, Segment]]:
+) -> dict[tuple[str, str], tuple[tuple[Segment, ...], Segment]]:
     stored = FaissBackend()  # reads the segments as written; ShardSet.restore makes them live on ``backend``
     states = {}
     for entry in manifest["shards"]:
         n = entry["id"]
-        sealed = None
-        if "sealed" in entry:
-            dead = _npy_load(read(f"{n}.sealed.dead.npy"))
-            keys, arrays = _npz_load(read(f"{n}.sealed.npz"))
-            rows = _sealed_rows(entry["sealed"], n, read, path, sums)
-            sealed = Segment(
-                entry["sealed"], keys, np.where(dead, 0, NEVER).astype(np.int64), Columns.from_arrays(arrays, codes),
+        sealed = []
+        for kind, name in _sealed_parts(manifest["format"], entry):
+            dead = _npy_load(read(f"{name}.dead.npy"))
+            keys, arrays = _npz_load(read(f"{name}.npz"))
+            rows = _sealed_rows(kind, name, read, path, sums)
+            segment = Segment(
+                kind, keys, np.where(dead, 0, NEVER).astype(np.int64), Columns.from_arrays(arrays, codes),
                 len(keys), int(dead.sum()), backend=stored, by_record=True, **rows,
             )  # fmt: skip
+            sealed.append(segment)
         vectors = _npy_load(read(f"{n}.growing.npy"))
         keys, arrays = _npz_load(read(f"{n}.growing.npz"))
         growing = growing_from(vectors, keys, Columns.from_arrays(arrays, codes), 256, stored)
-        states[(entry["collection"], entry["category"])] = (sealed, growing)
+        states[(entry["collection"], entry["category"])] = (tuple(sealed), growing)
     return states
 
 
-def _sealed_rows(kind: str, n: int, read: Callable[[str], bytes], path: Path, sums: Any) -> dict[str, Any]:
+def _sealed_parts(format: int, entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """(kind, file name stem) of each sealed segment of a shard's manifest entry."""
+    n = entry["id"]
+    if format >= 3:
+        return [(kind, f"{n}.sealed.{j}") for j, kind in enumerate(entry["sealed"])]
+    return [(entry["sealed"], f"{n}.sealed")] if "sealed" in entry else []  # format 2: one at most
+
+
+def _sealed_rows(kind: str, name: str, read: Callable[[str], bytes], path: Path, sums: Any) -> dict[str, Any]:
     if kind == "flat":
-        return {"vectors": _npy_load(read(f"{n}.sealed.npy"))}
-    return {"index": _read_index(path, f"{n}.sealed.faiss", sums)}
+        return {"vectors": _npy_load(read(f"{name}.npy"))}
+    return {"index": _read_index(path, f"{name}.faiss", sums)}
 
 
 def _states_of_format_1(
     manifest: dict[str, Any], read: Callable[[str], bytes], path: Path, sums: Any, codes: Codes
-) -> dict[tuple[str, str], tuple[Segment | None, Segment]]:
+) -> dict[tuple[str, str], tuple[tuple[Segment, ...], Segment]]:
     """Segments of a format-1 checkpoint (a msgpack list per row), converted to columns once, row by row.
 
     Reading it beats replaying from Kafka, whose retention may no longer hold
@@ -326,15 +335,16 @@ def _states_of_format_1(
     states = {}
     for entry in manifest["shards"]:
         n = entry["id"]
-        sealed = None
+        sealed: tuple[Segment, ...] = ()
         if "sealed" in entry:
             dead = _npy_load(read(f"{n}.sealed.dead.npy"))
             sealed_keys, columns = columns_of(f"{n}.sealed.meta")
-            rows = _sealed_rows(entry["sealed"], n, read, path, sums)
-            sealed = Segment(
+            rows = _sealed_rows(entry["sealed"], f"{n}.sealed", read, path, sums)
+            segment = Segment(
                 entry["sealed"], sealed_keys, np.where(dead, 0, NEVER).astype(np.int64), columns,
                 len(sealed_keys), int(dead.sum()), backend=stored, **rows,
             )  # fmt: skip
+            sealed = (segment,)
         growing_keys, columns = columns_of(f"{n}.growing.meta")
         growing = growing_from(_npy_load(read(f"{n}.growing.npy")), growing_keys, columns, 256, stored)
         states[(entry["collection"], entry["category"])] = (sealed, growing)

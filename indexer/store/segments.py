@@ -1,8 +1,8 @@
 """Segments: the immutable-once-published row stores a shard searches.
 
-A shard has at most one *sealed* segment (built in the background: a FAISS
-HNSW or IVF index, or exact flat rows while the shard is small or on a GPU)
-and one *growing* segment (a preallocated float32 array searched exactly).
+A shard has *sealed* segments (built in the background: a FAISS HNSW or IVF
+index, or exact flat rows while they are small or on a GPU) and one *growing*
+segment (a preallocated float32 array searched exactly).
 Rows are never removed in place: a delete writes the sequence number of its
 batch into ``deleted_at``, and a reader at sequence ``S`` skips rows deleted
 at or before ``S``. Readers therefore never lock (see shards.py).

@@ -12,19 +12,20 @@ each search sees one consistent moment of the whole shard set:
   (sequence, and per shard its segments) by replacing one reference. A reader
   holding the old view never looks at the new rows and still sees the rows
   that batch deleted.
-* When a shard grows past ``ShardSettings.growing_max_rows`` (or collects too
-  many deleted rows), a background thread builds a sealed index over the rows
-  live at some sequence ``S``. The writer swaps it in at a later batch: rows
-  deleted since ``S`` are marked deleted in it, rows added since ``S`` stay in
-  a fresh growing segment. Deleted rows are not copied, so a rebuild reclaims
-  their memory.
+* Background threads build sealed segments over the rows of some segments
+  live at some sequence ``S``: the growing rows once there are
+  ``ShardSettings.growing_max_rows`` of them (a flush), or several sealed
+  segments (a merge; :class:`Shard` says when). The writer swaps a build in
+  at a later batch: rows deleted since ``S`` are marked deleted in it, rows
+  added since ``S`` stay in the growing segment. Deleted rows are not copied,
+  so a build reclaims their memory.
 
 A row's metadata is in columns (columns.py), with no Python object per row. A
 record's rows are found by the 64-bit hash of (collection, id) in its
 collection's shards: a binary search in a sealed segment (its rows are ordered
 by record hash), a vectorised scan of the small growing one. Item keys come
 from one counter and only grow, so every growing key is above every sealed
-one: a rebuild is installed with array operations, never a Python loop over
+one: a build is installed with array operations, never a Python loop over
 all rows (which would hold the GIL and stall queries).
 
 So an upsert that moves a record to another category, rewrites it in place, or
@@ -44,7 +45,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import faiss
@@ -77,12 +78,12 @@ class Hit:
 
 @dataclass(frozen=True)
 class ShardState:
-    sealed: Segment | None
+    sealed: tuple[Segment, ...]  # indexed segments, each built in the background
     growing: Segment
 
     @property
     def segments(self) -> tuple[Segment, ...]:
-        return (self.growing,) if self.sealed is None else (self.sealed, self.growing)
+        return (*self.sealed, self.growing)
 
     @property
     def live(self) -> int:
@@ -99,13 +100,55 @@ class View:
     codes: Codes
 
 
+@dataclass
+class _Build:
+    """A segment being built in the background, and what it replaces once it is installed."""
+
+    future: Future
+    #: the sealed segments it merges (matched by their key arrays, which a segment keeps for life)
+    merges: tuple[Segment, ...]
+    #: the largest growing key it seals (keys only grow), or None: it seals no growing rows
+    seals_through: int | None
+    #: (record hash, id) of records whose rows were removed since it began
+    deleted: list[tuple[np.ndarray, list[str]]] = field(default_factory=list)
+
+
+def size_tier(rows: int, settings: ShardSettings) -> int:
+    """A sealed segment's tier: 0 below ``merge_factor`` x ``growing_max_rows`` rows, one more per factor."""
+    tier, bound = 0, settings.growing_max_rows * settings.merge_factor
+    while rows >= bound:
+        tier, bound = tier + 1, bound * settings.merge_factor
+    return tier
+
+
 class Shard:
-    """The writer's side of one shard: its current segments, and the build that will replace them."""
+    """The writer's side of one shard: its segments, and the builds that will replace some of them.
+
+    Two kinds of build run in the background, at most one of each at a time:
+
+    * a *flush* seals the growing segment's rows into a new sealed segment of
+      their own, so its cost is bounded by ``growing_max_rows`` however big the
+      shard is;
+    * a *merge* builds one segment from several sealed ones: those of one size
+      tier once ``merge_factor`` of them exist (as Lucene's tiered merge policy
+      and Milvus's compaction do), a segment with too many deleted rows on its
+      own, or every sealed segment once the shard has been idle for
+      ``merge_when_idle_s``.
+
+    Flushes and tier merges build *interim* segments (IVF, quick to build),
+    except where the result is the shard's only segment; that one, and the
+    other merges, are the index a shard of that size is meant to have (HNSW up
+    to ``hnsw_max_rows``). So a shard left alone is one such index.
+
+    So each row is rebuilt about log(rows / growing_max_rows) times over its
+    life, not once per ``growing_max_rows`` new rows, and a bulk load is never
+    waiting on a rebuild of everything indexed before it.
+    """
 
     def __init__(
         self,
         dim: int,
-        sealed: Segment | None = None,
+        sealed: tuple[Segment, ...] = (),
         growing: Segment | None = None,
         backend: Backend | None = None,
         spec: FilterSpec | None = None,
@@ -115,15 +158,18 @@ class Shard:
         self.backend = backend or FaissBackend()
         self.spec = spec or FilterSpec()
         self.codec = codec  # how a sealed index stores vectors (``shards.vectors``)
-        self.sealed = sealed
+        self.sealed = tuple(sealed)
         self.growing = growing or empty_growing(dim, self.backend, self.spec)
-        self.building: Future | None = None
-        #: (record hash, id) of records whose rows were removed since the running build began
-        self._deleted_while_building: list[tuple[np.ndarray, list[str]]] = []
+        self.flush: _Build | None = None
+        self.merge: _Build | None = None
 
     @property
     def state(self) -> ShardState:
         return ShardState(self.sealed, self.growing)
+
+    @property
+    def builds(self) -> list[_Build]:
+        return [b for b in (self.flush, self.merge) if b is not None]
 
     def append(self, keys: list[int], vectors: np.ndarray, columns: Columns) -> None:
         """Add rows (``columns`` holds exactly them) past the growing segment's count, then publish the count."""
@@ -139,14 +185,15 @@ class Shard:
 
     def remove(self, hashes: np.ndarray, ids: list[str], seq: int) -> set[int]:
         """Mark the live rows of these records (hash and id) deleted at ``seq``; return the hashes found."""
-        if self.building is not None:
-            self._deleted_while_building.append((hashes, ids))
+        for build in self.builds:
+            build.deleted.append((hashes, ids))
         found: set[int] = set()
-        sealed = self.sealed
-        if sealed is not None and sealed.count:
-            dead = _mark_deleted(sealed, hashes, ids, seq, found)
+        sealed = list(self.sealed)
+        for j, segment in enumerate(sealed):
+            dead = _mark_deleted(segment, hashes, ids, seq, found) if segment.count else 0
             if dead:
-                self.sealed = sealed.with_counts(dead=sealed.dead + dead)
+                sealed[j] = segment.with_counts(dead=segment.dead + dead)
+        self.sealed = tuple(sealed)
         dead = _mark_deleted(self.growing, hashes, ids, seq, found)
         if dead:
             self.growing = self.growing.with_counts(dead=self.growing.dead + dead)
@@ -161,38 +208,84 @@ class Shard:
         capacity = max(capacity, len(live), 256)
         return growing_from(g.vectors[live], g.keys[live], g.columns.take(live, capacity), capacity, self.backend)
 
-    def needs_rebuild(self, settings: ShardSettings) -> bool:
-        """Seal once the shard is big enough for an index; rebuild when the growing part or the dead rows pile up."""
-        if self.building is not None or self.state.live < settings.seal_min_rows:
+    def flush_due(self, settings: ShardSettings) -> bool:
+        """Seal the growing rows once the shard is big enough for an index, then whenever they reach the bound."""
+        if self.flush is not None or not self.growing.live:
             return False
-        sealed = self.sealed
-        if sealed is None or self.growing.count >= settings.growing_max_rows:
-            return True
-        return sealed.dead >= max(settings.rebuild_min_dead, settings.rebuild_dead_fraction * sealed.count)
+        if self.sealed:
+            return self.growing.count >= settings.growing_max_rows
+        return self.growing.live >= settings.seal_min_rows
 
-    def start_build(self, builder: ThreadPoolExecutor, seq: int, settings: ShardSettings) -> None:
-        self.building = builder.submit(build_from_state, self.state, seq, settings, self.backend, self.codec)
-        self._deleted_while_building = []
+    def merge_due(self, settings: ShardSettings, idle: bool) -> tuple[tuple[Segment, ...], bool]:
+        """The sealed segments to merge now (none: nothing due), and whether the result is interim.
 
-    def install(self, built: Segment, seq: int) -> None:
+        A merge of one size tier is interim (it will be merged again) unless
+        it merges every sealed segment; the merge of an idle shard and the
+        rebuild of a segment with many deleted rows make the index the shard
+        is meant to have (see the class docstring).
+        """
+        if self.merge is not None or not self.sealed or self.state.live < settings.seal_min_rows:
+            return (), False
+        for segment in self.sealed:
+            if segment.dead >= max(settings.rebuild_min_dead, settings.rebuild_dead_fraction * segment.count):
+                return (segment,), False
+        tiers: dict[int, list[Segment]] = {}
+        for segment in self.sealed:
+            tiers.setdefault(size_tier(segment.live, settings), []).append(segment)
+        for tier in sorted(tiers):
+            if len(tiers[tier]) >= settings.merge_factor:  # interim unless it leaves one segment
+                return tuple(tiers[tier]), len(tiers[tier]) < len(self.sealed)
+        return (self.sealed if idle and len(self.sealed) > 1 else ()), False
+
+    def start_flush(self, builder: ThreadPoolExecutor, seq: int, settings: ShardSettings) -> None:
+        """Seal the growing rows: the shard's first segment as its size calls for, later ones as interim IVF
+        segments with the centroids of the shard's largest IVF segment where it has one (then no k-means)."""
+        g = self.growing
+        ivf = [s for s in self.sealed if s.kind == "ivf"]
+        previous = max(ivf, key=lambda s: s.count) if ivf else None
+        interim = bool(self.sealed)
+        future = builder.submit(
+            build_from_segments, (g,), seq, settings, self.backend, self.codec, previous, interim=interim
+        )
+        self.flush = _Build(future, (), seals_through=int(g.keys[g.count - 1]))
+
+    def start_merge(
+        self,
+        builder: ThreadPoolExecutor,
+        seq: int,
+        settings: ShardSettings,
+        segments: tuple[Segment, ...],
+        interim: bool = False,
+    ) -> None:
+        # An IVF merge keeps the centroids of its largest input while they still fit (backends.py).
+        previous = max(segments, key=lambda s: s.count)
+        future = builder.submit(
+            build_from_segments, segments, seq, settings, self.backend, self.codec, previous, interim=interim
+        )
+        self.merge = _Build(future, segments, seals_through=None)
+
+    def install(self, build: _Build, built: Segment, seq: int) -> None:
         """Swap in a segment built from the rows live at some earlier sequence.
 
         Runs on the writer thread, so it uses array operations only: a Python
         loop over every row would hold the GIL long enough to stall queries.
-        Item keys only ever grow, so the rows appended since the build began
-        are the growing rows with keys above the built segment's largest.
+        Item keys only ever grow, so the growing rows a flush did not see are
+        those with keys above the largest it sealed.
         """
-        for hashes, ids in self._deleted_while_building:  # ...are deleted in the built segment too
+        for hashes, ids in build.deleted:  # ...are deleted in the built segment too
             _mark_deleted(built, hashes, ids, seq, set())
-        self._deleted_while_building = []
         built = built.with_counts(dead=int((built.deleted_at[: built.count] != NEVER).sum()))
+        kept = tuple(s for s in self.sealed if not any(s.keys is m.keys for m in build.merges))
+        self.sealed = (*kept, built) if built.live else kept
+        if build is self.merge:
+            self.merge = None
+            return
         g = self.growing
         rest = g.live_rows(NEVER - 1)
-        if built.count:
-            rest = rest[g.keys[rest] > built.keys[: built.count].max()]  # appended after the build started
+        rest = rest[g.keys[rest] > build.seals_through]  # appended after the flush started
         capacity = max(256, len(rest))
         growing = growing_from(g.vectors[rest], g.keys[rest], g.columns.take(rest, capacity), capacity, self.backend)
-        self.sealed, self.growing, self.building = built, growing, None
+        self.growing, self.flush = growing, None
 
 
 def _mark_deleted(segment: Segment, hashes: np.ndarray, ids: list[str], seq: int, found: set[int]) -> int:
@@ -277,16 +370,24 @@ def release_freed_memory() -> None:
 Candidate = tuple[float, ShardKey, Segment, int]
 
 
-def build_from_state(
-    state: ShardState, seq: int, settings: ShardSettings, backend: Backend, codec: str = "float32"
+def build_from_segments(
+    segments: tuple[Segment, ...],
+    seq: int,
+    settings: ShardSettings,
+    backend: Backend,
+    codec: str = "float32",
+    previous: Segment | None = None,
+    interim: bool = False,
 ) -> Segment:
-    """Background job: a sealed segment over every row of ``state`` live at ``seq``, its rows ordered by record."""
-    live = [(segment, segment.live_rows(seq)) for segment in state.segments]
+    """Background job: a sealed segment over every row of ``segments`` live at ``seq``, its rows ordered by record."""
+    live = [(segment, segment.live_rows(seq)) for segment in segments]
     keys = np.concatenate([segment.keys[rows] for segment, rows in live])
     columns = Columns.concat([segment.columns.take(rows) for segment, rows in live], [len(r) for _, r in live])
     order = np.argsort(columns.arrays["record"], kind="stable")
-    rows = RowSource.of_segments(live, state.segments[0].dim).ordered(order)
-    built = backend.build_sealed(rows, keys[order], columns.take(order), settings, previous=state.sealed, codec=codec)
+    rows = RowSource.of_segments(live, segments[0].dim).ordered(order)
+    built = backend.build_sealed(
+        rows, keys[order], columns.take(order), settings, previous=previous, codec=codec, interim=interim
+    )
     return replace(built, by_record=True)
 
 
@@ -313,7 +414,10 @@ class ShardSet:
         self._recent: deque[tuple[str, str]] = deque(maxlen=RECENT)
         self._keys = itertools.count()
         self._write_lock = threading.Lock()
-        self._builder = ThreadPoolExecutor(1, "lookstream-shard-build", initializer=_leave_a_core_for_queries)
+        # Flushes have their own thread, so a long merge never holds up the sealing of new rows.
+        self._flusher = ThreadPoolExecutor(1, "lookstream-shard-flush", initializer=_leave_a_core_for_queries)
+        self._merger = ThreadPoolExecutor(1, "lookstream-shard-merge", initializer=_leave_a_core_for_queries)
+        self._last_write = time.monotonic()
         self.rebuilds = 0
         fix_malloc_thresholds()
         self.view = View(0, {}, self.codes)
@@ -323,7 +427,7 @@ class ShardSet:
         cls,
         dim: int,
         settings: ShardSettings,
-        states: dict[ShardKey, tuple[Segment | None, Segment]],
+        states: dict[ShardKey, tuple[tuple[Segment, ...], Segment]],
         seq: int,
         codes: Codes,
         backend: Backend | None = None,
@@ -339,15 +443,19 @@ class ShardSet:
         top = -1
         live_hashes: dict[str, list[np.ndarray]] = {}
         for shard_key, (sealed, growing) in states.items():
-            for segment in (sealed, growing):
-                if segment is None or segment.count == 0:
+            for segment in (*sealed, growing):
+                if segment.count == 0:
                     continue
                 top = max(top, int(segment.keys[: segment.count].max()))
                 live = segment.live_rows(NEVER - 1)
                 live_hashes.setdefault(shard_key[0], []).append(segment.columns.arrays["record"][live])
-            sealed = None if sealed is None else backend.make_live(sealed, settings)
             shards._shards[shard_key] = Shard(
-                dim, sealed, backend.make_live(growing, settings), backend, codes.spec, settings.codec(shard_key[0])
+                dim,
+                tuple(backend.make_live(segment, settings) for segment in sealed),
+                backend.make_live(growing, settings),
+                backend,
+                codes.spec,
+                settings.codec(shard_key[0]),
             )
         shards._keys = itertools.count(top + 1)
         for collection, parts in live_hashes.items():
@@ -402,13 +510,15 @@ class ShardSet:
                     )
                 keys = [next(self._keys) for _ in new]
                 self._shards[shard_key].append(keys, np.stack(vectors[shard_key]), Columns.of_items(self.codes, new))
+            if ops:
+                self._last_write = time.monotonic()
             self._publish(seq)
             self._schedule_rebuilds(seq)
 
     def backlogged(self) -> bool:
-        """True while a shard being rebuilt holds ``growing_hold_factor`` times ``growing_max_rows`` unsealed rows.
+        """True while a shard being flushed holds ``growing_hold_factor`` times ``growing_max_rows`` unsealed rows.
 
-        The writer cannot seal rows faster than the builder indexes them; the
+        The writer cannot seal rows faster than the flusher indexes them; the
         consumer holds back while this is true (consumers/indexing.py), so the
         rows searched exactly stay bounded however fast events arrive.
         """
@@ -416,29 +526,38 @@ class ShardSet:
         if not factor:
             return False
         bound = factor * self.settings.growing_max_rows
-        return any(s.building is not None and s.growing.count >= bound for s in list(self._shards.values()))
+        return any(s.flush is not None and s.growing.count >= bound for s in list(self._shards.values()))
 
     def rebuild_all(self) -> int:
-        """Schedule a rebuild of every shard that is not being rebuilt (admin); return how many."""
+        """Rebuild every shard that is not being rebuilt (admin); return how many were scheduled.
+
+        A shard's sealed segments are merged into one; a shard with none yet
+        has its growing rows sealed.
+        """
         with self._write_lock:
             scheduled = 0
             for key, shard in self._shards.items():
-                if shard.building is None and shard.state.live:
-                    log.info("rebuilding shard %s/%s on request", *key)
-                    shard.start_build(self._builder, self.view.seq, self.settings)
-                    scheduled += 1
+                if shard.builds or not shard.state.live:
+                    continue
+                log.info("rebuilding shard %s/%s on request", *key)
+                if shard.sealed:
+                    shard.start_merge(self._merger, self.view.seq, self.settings, shard.sealed)
+                else:
+                    shard.start_flush(self._flusher, self.view.seq, self.settings)
+                scheduled += 1
             return scheduled
 
     def maintain(self) -> None:
-        """Swap in finished rebuilds and start those now due, even when no events arrive (the consumer calls this).
+        """Swap in finished builds and start those now due, even when no events arrive (the consumer calls this).
 
         Scheduling here too matters after a bulk load: rows that arrived while a
-        build ran stay in the growing segment, searched exactly, until another
-        build seals them; without events, only this call starts that build.
+        flush ran stay in the growing segment, searched exactly, until another
+        flush seals them, and an idle shard's segments are merged into one;
+        without events, only this call starts those builds.
         """
         with self._write_lock:
             seq = self.view.seq
-            if any(s.building is not None and s.building.done() for s in self._shards.values()):
+            if any(b.future.done() for s in self._shards.values() for b in s.builds):
                 seq += 1
                 self._install_finished(seq)
                 self._publish(seq)
@@ -448,38 +567,48 @@ class ShardSet:
         self.view = View(seq, {key: shard.state for key, shard in self._shards.items()}, self.codes)
 
     def _schedule_rebuilds(self, seq: int) -> None:
+        idle_after = self.settings.merge_when_idle_s
+        idle = bool(idle_after) and time.monotonic() - self._last_write >= idle_after
         for key, shard in self._shards.items():
-            if shard.needs_rebuild(self.settings):
-                log.info("rebuilding shard %s/%s (%d live rows)", *key, shard.state.live)
-                shard.start_build(self._builder, seq, self.settings)
+            if shard.flush_due(self.settings):
+                log.info("sealing %d rows of shard %s/%s", shard.growing.live, *key)
+                shard.start_flush(self._flusher, seq, self.settings)
+            merging, interim = shard.merge_due(self.settings, idle)
+            if merging:
+                log.info("merging %d segments of shard %s/%s", len(merging), *key)
+                shard.start_merge(self._merger, seq, self.settings, merging, interim)
 
     def _install_finished(self, seq: int) -> None:
         for key, shard in self._shards.items():
-            if shard.building is not None and shard.building.done():
-                try:
-                    built = shard.building.result()
-                except Exception:  # a failed build leaves the shard as it was; the next batch retries
-                    log.exception("rebuilding shard %s/%s failed", *key)
-                    shard.building = None
+            for build in shard.builds:
+                if not build.future.done():
                     continue
-                shard.install(built, seq)
+                try:
+                    built = build.future.result()
+                except Exception:  # a failed build leaves the shard as it was; the next batch retries
+                    log.exception("building a segment of shard %s/%s failed", *key)
+                    shard.flush = None if build is shard.flush else shard.flush
+                    shard.merge = None if build is shard.merge else shard.merge
+                    continue
+                shard.install(build, built, seq)
                 self.rebuilds += 1
                 release_freed_memory()
-                log.info("shard %s/%s now %s over %d rows", *key, built.kind, built.count)
+                log.info("shard %s/%s: %s over %d rows installed", *key, built.kind, built.count)
 
     def wait_for_rebuilds(self, timeout: float | None = None) -> None:
         """Block until no rebuild runs: each finished one swapped in, and those it made due (tests, benchmarks)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            running = [shard.building for shard in list(self._shards.values()) if shard.building is not None]
+            running = [b.future for shard in list(self._shards.values()) for b in shard.builds]
             if not running:
                 return
-            for building in running:
-                building.exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            for future in running:
+                future.exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
             self.maintain()
 
     def close(self) -> None:
-        self._builder.shutdown(wait=True, cancel_futures=True)
+        self._flusher.shutdown(wait=True, cancel_futures=True)
+        self._merger.shutdown(wait=True, cancel_futures=True)
 
     def search(
         self,
@@ -601,8 +730,10 @@ class ShardSet:
                 "collection": coll,
                 "category": cat,
                 "vectors": state.live,
-                "sealed": None if state.sealed is None else state.sealed.kind,
-                "sealed_rows": 0 if state.sealed is None else state.sealed.live,
+                # the kind of the largest sealed segment, and how many there are
+                "sealed": max(state.sealed, key=lambda s: s.count).kind if state.sealed else None,
+                "sealed_segments": len(state.sealed),
+                "sealed_rows": sum(s.live for s in state.sealed),
                 "growing_rows": state.growing.live,
                 "metadata_bytes": sum(s.columns.nbytes(s.count) + 16 * s.count for s in state.segments),
             }

@@ -119,7 +119,7 @@ def test_a_checkpoint_written_on_one_backend_loads_on_any(tmp_path, torch_backen
     state = restored.view.shards[("products", "top")]
     assert {s.backend for s in state.segments} == {backend[read_on]}
     if read_on == "torch-cuda":
-        assert state.sealed.mirror is not None and state.growing.mirror is not None
+        assert all(s.mirror is not None for s in state.segments)
     assert [restored.search(v, 1, "products")[0].id for v in data[:50]] == [f"p{i}" for i in range(50)]
     ids = [[h.id for h in found] for found in (shards.search(v, 5, "products") for v in data[::7])]
     assert [[h.id for h in restored.search(v, 5, "products")] for v in data[::7]] == ids
@@ -137,10 +137,10 @@ def test_a_restored_index_is_searched_with_the_parameters_it_was_built_with(tmp_
     shards = ShardSet(DIM, settings)
     fill(shards, unit_vectors(400), batch=400)
     shards.wait_for_rebuilds(timeout=60)
-    built = shards.view.shards[("products", "top")].sealed
+    (built,) = shards.view.shards[("products", "top")].sealed
     write_checkpoint(tmp_path, shards.view, {}, {}, GENERATION)
     _, restored = load_latest(tmp_path, GENERATION, settings)
-    loaded = restored.view.shards[("products", "top")].sealed
+    (loaded,) = restored.view.shards[("products", "top")].sealed
     assert built.kind == loaded.kind == kind
     if kind == "hnsw":
         assert built.search_params.efSearch == loaded.search_params.efSearch == 40
@@ -208,3 +208,46 @@ def test_a_format_1_checkpoint_is_converted_rather_than_replayed(tmp_path):
     restored.apply([Delete("products", "p3", 0), upsert("p0", [data[1]])])  # the converted rows stay writable
     assert restored.records("products") == 4 and restored.search(data[1], 1, "products")[0].id == "p0"
     restored.close()
+
+
+def test_several_sealed_segments_round_trip_and_a_format_2_checkpoint_still_loads(tmp_path):
+    """Format 3 writes each sealed segment of a shard; format 2 had one at most, named without a number."""
+    import json
+    import shutil
+
+    settings = POLICY.model_copy(update={"seal_min_rows": 100, "growing_max_rows": 100, "merge_factor": 8})
+    shards = ShardSet(DIM, settings)
+    data = unit_vectors(450)
+    for start in range(0, 450, 100):
+        fill(shards, data[start : start + 100], start=start, batch=100)
+        shards.wait_for_rebuilds(timeout=60)
+    shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 400, 10)])
+    assert shards.sizes()[0]["sealed_segments"] == 4
+    written = write_checkpoint(tmp_path / "v3", shards.view, {"t/0": 5}, {}, GENERATION)
+    _, restored = load_latest(tmp_path / "v3", GENERATION, settings)
+    assert [len(s.sealed) for s in restored.view.shards.values()] == [4]
+    assert search_ids(restored, data[::9]) == search_ids(shards, data[::9])
+    assert restored.records("products") == 410
+    restored.close()
+
+    # The same shard as format 2 wrote it: its first sealed segment alone, and the rest of the rows lost
+    # to this test (they would be replayed from Kafka).
+    old = tmp_path / "v2" / written.path.name
+    old.mkdir(parents=True)
+    manifest = json.loads((written.path / "manifest.json").read_text())
+    for name in manifest["files"].copy():
+        if name.startswith("0.sealed.0.") or name.startswith("0.growing") or name == "codes.msgpack":
+            target = name.replace("0.sealed.0.", "0.sealed.")
+            shutil.copy(written.path / name, old / target)
+            manifest["files"][target] = manifest["files"].pop(name)
+        else:
+            del manifest["files"][name]
+    manifest["format"] = 2
+    manifest["shards"][0]["sealed"] = manifest["shards"][0]["sealed"][0]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    _, restored = load_latest(tmp_path / "v2", GENERATION, settings)
+    (state,) = restored.view.shards.values()
+    assert len(state.sealed) == 1 and state.sealed[0].count == 100
+    assert restored.search(data[55], 1, "products")[0].id == "p55"
+    restored.close()
+    shards.close()

@@ -147,8 +147,10 @@ def test_fetching_pauses_while_a_rebuild_lags_far_behind_and_resumes_once_it_is_
     from tests.support.shards import fill, unit_vectors
 
     release = threading.Event()
-    real_build = shards_module.build_from_state
-    monkeypatch.setattr(shards_module, "build_from_state", lambda *a, **k: (release.wait(10), real_build(*a, **k))[1])
+    real_build = shards_module.build_from_segments
+    monkeypatch.setattr(
+        shards_module, "build_from_segments", lambda *a, **k: (release.wait(10), real_build(*a, **k))[1]
+    )
     settings = ShardSettings(seal_min_rows=100, growing_max_rows=100, growing_hold_factor=2, hnsw_m=8)
     shards = ShardSet(16, settings)
     consumer = IndexingConsumer(KafkaSettings(), pipeline=None, shards=shards, stats=IngestStats())

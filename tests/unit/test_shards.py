@@ -1,5 +1,6 @@
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from indexer.store.backends import FaissBackend
 from indexer.store.columns import Codes, Columns, FilterSpec, compile_filter, record_hash
 from indexer.store.records import Delete, Item
 from indexer.store.segments import NEVER, RowSource, growing_from
-from indexer.store.shards import Shard, ShardSet
+from indexer.store.shards import Shard, ShardSet, size_tier
 from tests.support.shards import DIM, fill, unit_vectors, upsert
 
 ITEM = Item("top", np.zeros(DIM, np.float32), (0, 0, 1, 1), None, 1.0)
@@ -149,12 +150,15 @@ IVF = ShardSettings(seal_min_rows=500, growing_max_rows=10_000, hnsw_max_rows=30
 
 @pytest.mark.parametrize(("policy", "kind"), [(SMALL, "hnsw"), (IVF, "ivf")])
 def test_a_growing_shard_is_sealed_into_an_index_and_still_finds_every_item(policy, kind):
-    shards = ShardSet(DIM, policy)
+    shards = ShardSet(DIM, policy.model_copy(update={"merge_when_idle_s": 0.05}))
     data = unit_vectors(600)
     fill(shards, data)
     shards.wait_for_rebuilds(timeout=60)
+    time.sleep(0.1)
+    shards.maintain()  # idle now: its segments are merged into one index
+    shards.wait_for_rebuilds(timeout=60)
     (size,) = shards.sizes()
-    assert size["sealed"] == kind and size["vectors"] == 600 and shards.rebuilds >= 1
+    assert size["sealed"] == kind and size["sealed_segments"] == 1 and size["vectors"] == 600
     assert size["sealed_rows"] + size["growing_rows"] == 600
     found = sum(shards.search(data[i], 1, "products")[0].id == f"p{i}" for i in range(600))
     assert found >= 0.95 * 600
@@ -164,23 +168,24 @@ def test_writes_made_while_a_rebuild_runs_stay_correct_after_the_swap(monkeypatc
     import indexer.store.shards as shards_module
 
     gate = threading.Event()
-    real_build = shards_module.build_from_state
+    real_build = shards_module.build_from_segments
 
-    def gated_build(*args):
+    def gated_build(*args, **kwargs):
         gate.wait(30)
-        return real_build(*args)
+        return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(shards_module, "build_from_state", gated_build)
+    monkeypatch.setattr(shards_module, "build_from_segments", gated_build)
     shards = ShardSet(DIM, SMALL)
     data = unit_vectors(400)
     fill(shards, data[:250])  # crosses seal_min_rows: a build starts and waits at the gate
-    assert any(s.building is not None for s in shards._shards.values())
+    assert any(s.builds for s in shards._shards.values())
     shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 50)])  # deletes of rows being sealed
     shards.apply([upsert(f"p{i}", [data[300 + i]]) for i in range(50, 60)])  # rewrites of rows being sealed
     fill(shards, data[250:300], start=250)  # new rows
     gate.set()
     shards.wait_for_rebuilds(timeout=60)
-    assert shards.rebuilds >= 1 and shards.sizes()[0]["sealed"] == "hnsw"
+    (size,) = shards.sizes()
+    assert shards.rebuilds >= 1 and size["sealed_rows"] == 140  # the 200 rows sealed, less 60 removed meanwhile
 
     assert shards.records("products") == 250 and shards.sizes()[0]["vectors"] == 250
     for i in range(0, 50):
@@ -201,7 +206,7 @@ def test_rebuild_drops_deleted_rows():
     shards.apply([])
     shards.wait_for_rebuilds(timeout=60)
     state = shards.view.shards[("products", "top")]
-    assert state.live == 200 and state.sealed.count + state.growing.count <= 200 + 150
+    assert state.live == 200 and sum(s.count for s in state.segments) <= 200 + 150
 
 
 def test_readers_never_miss_a_record_while_shards_are_rebuilt_under_them():
@@ -245,7 +250,7 @@ def test_torch_backend_finds_the_same_as_faiss_through_growth_seal_and_deletes(t
         results[backend.name] = [[h.id for h in shards.search(v, 5, "products")] for v in data[::7]]
         state = shards.view.shards[("products", "top")]
         if backend is torch_backend:
-            assert state.sealed.mirror is not None and state.growing.mirror is not None
+            assert all(s.mirror is not None for s in state.segments)
         assert {s.backend for s in state.segments} == {backend}
     assert results["cpu"] == results["torch-cuda"]
 
@@ -328,13 +333,13 @@ def test_rows_that_arrive_during_a_build_are_sealed_without_another_event(monkey
     from indexer.store import shards as shards_module
 
     release = threading.Event()
-    real_build = shards_module.build_from_state
+    real_build = shards_module.build_from_segments
 
     def slow_build(*args, **kwargs):
         release.wait(10)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(shards_module, "build_from_state", slow_build)
+    monkeypatch.setattr(shards_module, "build_from_segments", slow_build)
     settings = ShardSettings(seal_min_rows=100, growing_max_rows=150, hnsw_max_rows=10_000, hnsw_m=8)
     shards = ShardSet(DIM, settings)
     data = unit_vectors(520)
@@ -356,6 +361,9 @@ def test_a_records_stored_vector_comes_back_from_any_kind_of_segment(rows, seale
     data = unit_vectors(rows)
     fill(shards, data, batch=100)
     shards.wait_for_rebuilds(timeout=60)
+    if sealed is not None:
+        shards.rebuild_all()  # the sealed segments merged into one
+        shards.wait_for_rebuilds(timeout=60)
     assert shards.sizes()[0]["sealed"] == sealed
     ((meta, vector),) = shards.record_vectors("products", "p7")
     assert meta.record_id == "p7" and np.allclose(vector, data[7], atol=1e-6)
@@ -379,4 +387,83 @@ def test_a_selective_filter_still_returns_k_hits_when_k_records_match():
     expected = sorted(range(10), key=lambda i: -float(data[1_190 + i] @ query))[:5]
     assert [h.id for h in hits] == [f"rare{i}" for i in expected]
     assert len(shards.search(query, 50, "products", where=rare_brand)) == 10  # all that match, no more
+    shards.close()
+
+
+TIERED = ShardSettings(seal_min_rows=100, growing_max_rows=100, merge_factor=3, hnsw_max_rows=10_000, hnsw_m=8)
+
+
+def test_a_shard_that_keeps_growing_is_sealed_in_segments_merged_by_size_tier():
+    """Each flush seals only the growing rows; merge_factor segments of one tier become one."""
+    shards = ShardSet(DIM, TIERED)
+    data = unit_vectors(2_000)
+    for start in range(0, 2_000, 100):
+        fill(shards, data[start : start + 100], start=start, batch=100)
+        shards.wait_for_rebuilds(timeout=60)
+    state = shards.view.shards[("products", "top")]
+    # below 300 rows: tier 0, below 900: tier 1, below 2,700: tier 2; fewer than 3 of each are left
+    tiers = [size_tier(s.live, TIERED) for s in state.sealed]
+    assert all(tiers.count(t) < 3 for t in tiers), tiers
+    assert 1 < len(state.sealed) <= 6 and state.live == 2_000
+    assert shards.rebuilds > 2_000 // 100  # every flush, and merges besides
+    found = sum(shards.search(data[i], 1, "products")[0].id == f"p{i}" for i in range(2_000))
+    assert found >= 0.98 * 2_000
+    shards.close()
+
+
+def test_an_idle_shard_merges_its_segments_into_one():
+    settings = TIERED.model_copy(update={"merge_when_idle_s": 0.2})
+    shards = ShardSet(DIM, settings)
+    data = unit_vectors(700)
+    for start in range(0, 700, 100):
+        fill(shards, data[start : start + 100], start=start, batch=100)
+        shards.wait_for_rebuilds(timeout=60)
+    assert len(shards.view.shards[("products", "top")].sealed) > 1
+    time.sleep(0.3)
+    shards.maintain()  # the consumer calls this while no events arrive
+    shards.wait_for_rebuilds(timeout=60)
+    (size,) = shards.sizes()
+    assert size["sealed_segments"] == 1 and size["sealed_rows"] == 700 and size["sealed"] == "hnsw"
+    shards.close()
+
+
+def test_writes_made_while_segments_merge_stay_correct_after_the_swap(monkeypatch):
+    """A merge runs beside flushes: rows deleted or rewritten meanwhile are dead in the merged segment."""
+    import indexer.store.shards as shards_module
+
+    gate = threading.Event()
+    real_build = shards_module.build_from_segments
+
+    def gated_merge(segments, *args, **kwargs):
+        if segments[0].by_record:  # sealed segments: a merge, not a flush of the growing one
+            gate.wait(30)
+        return real_build(segments, *args, **kwargs)
+
+    monkeypatch.setattr(shards_module, "build_from_segments", gated_merge)
+    shards = ShardSet(DIM, TIERED)
+    data = unit_vectors(700)
+    for start in range(0, 300, 100):
+        fill(shards, data[start : start + 100], start=start, batch=100)
+        if start < 200:
+            shards.wait_for_rebuilds(timeout=60)
+    shard = shards._shards[("products", "top")]
+    deadline = time.monotonic() + 30
+    while shard.merge is None and time.monotonic() < deadline:  # the third flush in: three of tier 0 merge, held
+        shards.maintain()
+        time.sleep(0.02)
+    assert shard.merge is not None and len(shard.merge.merges) == 3
+    shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 50)])  # deletes of rows being merged
+    shards.apply([upsert(f"p{i}", [data[600 + i]]) for i in range(50, 60)])  # rewrites of rows being merged
+    fill(shards, data[300:400], start=300, batch=100)  # a flush runs while the merge waits
+    gate.set()
+    shards.wait_for_rebuilds(timeout=60)
+
+    assert shards.records("products") == 350
+    for i in range(0, 50):
+        assert all(h.id != f"p{i}" for h in shards.search(data[i], 3, "products"))
+    for i in range(50, 60):
+        hit = shards.search(data[600 + i], 1, "products")[0]
+        assert hit.id == f"p{i}" and hit.score == pytest.approx(1.0, abs=1e-4)
+    for i in range(60, 400):
+        assert shards.search(data[i], 1, "products")[0].id == f"p{i}"
     shards.close()
