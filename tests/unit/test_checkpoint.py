@@ -167,6 +167,41 @@ def test_attributes_indexed_after_a_checkpoint_are_filled_from_the_records_when_
     restored.close()
 
 
+SIZES = [["S", "M"], ["m", "L", "M"], "M", [], ["XL"], ("l", "s")]
+LISTS = ShardSettings(seal_min_rows=100, growing_max_rows=60, hnsw_max_rows=1_000, keyword_attributes=("size",))
+
+
+def with_sizes(data, start=0, sizes=SIZES):
+    return [upsert(f"p{start + i}", [v], attrs={"size": sizes[i % len(sizes)]}) for i, v in enumerate(data)]
+
+
+def filtered(shards, query, *values):
+    where = compile_filter(shards.codes, {"size": list(values)}, {})
+    return sorted(h.id for h in shards.search(query, 1_000, "products", where=where))
+
+
+def test_list_valued_attributes_filter_the_same_after_a_restore(tmp_path):
+    shards = ShardSet(DIM, LISTS)
+    data = unit_vectors(230)
+    for start in range(0, 200, 50):
+        shards.apply(with_sizes(data[start : start + 50], start))
+    shards.wait_for_rebuilds(timeout=60)
+    shards.apply(with_sizes(data[200:], 200, [["XS", "M"], "xs"]))  # new combinations, in the growing segment
+    assert shards.view.shards[("products", "top")].sealed is not None
+    before = {v: filtered(shards, data[0], v) for v in ("M", "s", "L", "xl", "XS")}
+    assert len(before["M"]) == 4 * 26 + 15  # i % 6 in (0, 1, 2) of each batch of 50, and each ["XS", "M"]
+    write_checkpoint(tmp_path, shards.view, {}, {}, GENERATION)
+
+    _, restored = load_latest(tmp_path, GENERATION, LISTS)
+    assert restored.codes.keywords["size"].words == shards.codes.keywords["size"].words
+    assert {v: filtered(restored, data[0], v) for v in before} == before
+    restored.apply(with_sizes(data[:1], 500, [["XL", "xs"]]))  # a combination after the restore gets a new code
+    assert filtered(restored, data[0], "XS") == sorted([*before["XS"], "p500"])
+    assert filtered(restored, data[0], "xl") == sorted([*before["xl"], "p500"])
+    shards.close()
+    restored.close()
+
+
 def test_a_format_1_checkpoint_is_converted_rather_than_replayed(tmp_path):
     """Written as the row-list format did: a flat sealed segment and a growing one, metadata a msgpack row each."""
     import io
