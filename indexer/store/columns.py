@@ -129,8 +129,11 @@ class Vocabulary:
     holding it) from an index of value -> codes, without scanning the entries.
 
     One writer appends; readers (query threads compiling filters, the
-    checkpoint thread copying ``words``) take no lock: everything only
-    grows, and a reader copies an index list before using it.
+    checkpoint thread copying ``words``) take no lock. Everything only
+    grows, and a new code is added to the index before it is appended to
+    ``words``: so every code below ``len(words)`` is in the index (a filter
+    relies on it, ``Filter.current``), and a reader copies an index list
+    before using it.
     """
 
     def __init__(self, words: Iterable[Entry | list[str]] = ()) -> None:
@@ -205,6 +208,8 @@ class Condition:
     any_of: tuple[int, ...] | None = None  # codes; empty: a value no row has, so nothing matches
     low: float = -math.inf
     high: float = math.inf
+    values: tuple[str, ...] = ()  # the keyword values asked for, as keyword_value folds them
+    known: int = 0  # how many codes the attribute's vocabulary had when ``any_of`` was found
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,26 @@ class Filter:
     """Conditions that must all hold; compiled against a ``Codes`` (``compile_filter``)."""
 
     conditions: tuple[Condition, ...]
+
+    def current(self, codes: Codes) -> Filter:
+        """This filter with every code its values have now: a reader calls it after taking its view.
+
+        The rows of a view were coded before it was published, so their codes
+        are all known once the view is taken. A filter compiled before that
+        misses a code given in between: a record rewritten from ``["S", "M"]``
+        to a new combination ``["S", "M", "XL"]`` would be in no result for
+        ``size=M`` at that moment. Where a vocabulary grew since, the values
+        are looked up again (rare, and a dictionary lookup each).
+        """
+        keyword = [c for c in self.conditions if c.any_of is not None]
+        if all(len(codes.keywords[c.attribute.removeprefix("kw.")]) == c.known for c in keyword):
+            return self
+        return Filter(
+            tuple(
+                c if c.any_of is None else _any_of(codes, c.attribute.removeprefix("kw."), c.values)
+                for c in self.conditions
+            )
+        )
 
 
 class UnknownAttribute(ValueError):
@@ -229,14 +254,20 @@ def compile_filter(codes: Codes, keyword: dict[str, Sequence[Any]], ranges: dict
     for name, values in keyword.items():
         if name not in codes.keywords:
             raise UnknownAttribute(name)
-        vocabulary = codes.keywords[name]
-        found = {c for v in (keyword_value(x) for x in values) if v is not None for c in vocabulary.containing(v)}
-        conditions.append(Condition(f"kw.{name}", any_of=tuple(sorted(found))))
+        folded = tuple(dict.fromkeys(v for v in map(keyword_value, values) if v is not None))
+        conditions.append(_any_of(codes, name, folded))
     for name, (low, high) in ranges.items():
         if name not in codes.spec.numeric:
             raise UnknownAttribute(name)
         conditions.append(Condition(f"num.{name}", low=low, high=high))
     return Filter(tuple(conditions))
+
+
+def _any_of(codes: Codes, name: str, values: tuple[str, ...]) -> Condition:
+    vocabulary = codes.keywords[name]
+    known = len(vocabulary)  # before the lookups: every code below it is in the index (Vocabulary)
+    found = {code for value in values for code in vocabulary.containing(value)}
+    return Condition(f"kw.{name}", any_of=tuple(sorted(found)), values=values, known=known)
 
 
 class Columns:

@@ -261,3 +261,20 @@ def test_only_the_first_distinct_values_of_a_long_list_are_indexed_and_counted()
     assert columns.match(compile_filter(codes, {"size": [f"s{MAX_KEYWORD_ELEMENTS}"]}, {}), 1).tolist() == [False]
     counted = facets([{"size": ["s0", *sizes]}], ("size",))["size"]
     assert len(counted) == MAX_KEYWORD_ELEMENTS and counted[last] == 1 and set(counted.values()) == {1}
+
+
+def test_a_filter_compiled_before_a_new_combination_was_coded_still_matches_its_rows():
+    """A query compiles ``size=M``; the writer rewrites a record to a combination no row had and publishes
+    it; then the query takes its view. The record matched before and matches after: it is in the result."""
+    vector = unit_vectors(1)[0]
+    item = Item("top", vector, (0, 0, 1, 1), None, 1.0)
+    shards = ShardSet(DIM, PATHS["growing"])
+    try:
+        shards.apply([Upsert("products", "r0", 0, {"size": ["S", "M"]}, (item,))])
+        size_m = compile_filter(shards.codes, {"size": ["m"]}, {})
+        shards.apply([Upsert("products", "r0", 1, {"size": ["S", "M", "XL"]}, (item,))])
+        assert [h.id for h in shards.search(vector, 5, "products", where=size_m)] == ["r0"]
+        fresh = compile_filter(shards.codes, {"size": ["m"]}, {"price": (0, 10)})
+        assert fresh.current(shards.codes) is fresh and size_m.current(shards.codes).conditions == fresh.conditions[:1]
+    finally:
+        shards.close()
