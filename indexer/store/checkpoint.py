@@ -267,7 +267,10 @@ def _load(
     else:
         saved = msgpack.unpackb(read(CODES))
         codes = Codes(spec, saved["labels"], saved["keywords"])
-        states = _states(manifest, read, path, sums, codes)
+        lists_coded = saved.get("lists", False)
+        if not lists_coded and spec.keyword:
+            log.warning("checkpoint %s is from before list values were coded: re-coding such rows (once)", path.name)
+        states = _states(manifest, read, path, sums, codes, lists_coded)
     dim = generation["dim"]
     shards = ShardSet.restore(dim, settings, states, manifest["seq"], codes, backend)
     checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
@@ -276,7 +279,12 @@ def _load(
 
 
 def _states(
-    manifest: dict[str, Any], read: Callable[[str], bytes], path: Path, sums: Any, codes: Codes
+    manifest: dict[str, Any],
+    read: Callable[[str], bytes],
+    path: Path,
+    sums: Any,
+    codes: Codes,
+    lists_coded: bool = True,
 ) -> dict[tuple[str, str], tuple[Segment | None, Segment]]:
     stored = FaissBackend()  # reads the segments as written; ShardSet.restore makes them live on ``backend``
     states = {}
@@ -287,13 +295,14 @@ def _states(
             dead = _npy_load(read(f"{n}.sealed.dead.npy"))
             keys, arrays = _npz_load(read(f"{n}.sealed.npz"))
             rows = _sealed_rows(entry["sealed"], n, read, path, sums)
+            columns = Columns.from_arrays(arrays, codes, lists_coded)
             sealed = Segment(
-                entry["sealed"], keys, np.where(dead, 0, NEVER).astype(np.int64), Columns.from_arrays(arrays, codes),
+                entry["sealed"], keys, np.where(dead, 0, NEVER).astype(np.int64), columns,
                 len(keys), int(dead.sum()), backend=stored, by_record=True, **rows,
             )  # fmt: skip
         vectors = _npy_load(read(f"{n}.growing.npy"))
         keys, arrays = _npz_load(read(f"{n}.growing.npz"))
-        growing = growing_from(vectors, keys, Columns.from_arrays(arrays, codes), 256, stored)
+        growing = growing_from(vectors, keys, Columns.from_arrays(arrays, codes, lists_coded), 256, stored)
         states[(entry["collection"], entry["category"])] = (sealed, growing)
     return states
 

@@ -191,12 +191,17 @@ class Codes:
         self.keywords = {name: Vocabulary((keywords or {}).get(name, ())) for name in spec.keyword}
 
     def to_dict(self) -> dict[str, Any]:
-        """The vocabularies as msgpack writes them (a combination's tuple becomes an array, read back as a tuple)."""
+        """The vocabularies as msgpack writes them (a combination's tuple becomes an array, read back as a tuple).
+
+        ``lists`` says that list-valued attributes were coded (checkpoints
+        before it coded them MISSING; ``Columns.from_arrays`` re-codes those rows).
+        """
         return {
             "labels": list(self.labels.words),
             "keywords": {
                 n: [w if isinstance(w, str) else list(w) for w in list(v.words)] for n, v in self.keywords.items()
             },
+            "lists": True,
         }
 
 
@@ -325,6 +330,23 @@ class Columns:
         """Fill the filter columns of ``codes.spec`` from the blobs (after the configured attributes changed)."""
         self.arrays.update(_filter_columns(codes, [self.blob(r)[1] for r in range(count)]))
 
+    def recode_missing_keywords(self, codes: Codes, count: int) -> int:
+        """Code again, from their blobs, the rows with a MISSING keyword code; return how many there were.
+
+        For a checkpoint from before list values were coded: its rows with a
+        list have MISSING codes, and only rows with some MISSING code are read.
+        """
+        names = [f"kw.{a}" for a in codes.spec.keyword]
+        missing = np.zeros(count, bool)
+        for name in names:
+            missing |= self.arrays[name][:count] == MISSING
+        rows = np.flatnonzero(missing)
+        if len(rows):
+            coded = _filter_columns(codes, [self.blob(int(r))[1] for r in rows])
+            for name in names:
+                self.arrays[name][rows] = coded[name]
+        return len(rows)
+
     # -- the writer: rows past the published count -----------------------------------------
 
     @property
@@ -412,14 +434,21 @@ class Columns:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], codes: Codes) -> Columns:
-        """Columns read back from a checkpoint: filter columns no longer configured dropped, new ones filled."""
+    def from_arrays(cls, arrays: dict[str, np.ndarray], codes: Codes, lists_coded: bool = True) -> Columns:
+        """Columns read back from a checkpoint: filter columns no longer configured dropped, new ones filled.
+
+        ``lists_coded`` False (a checkpoint from before list values were
+        coded): rows with a MISSING keyword code are coded again from their attrs.
+        """
         arena = arrays.pop("arena")
         wanted = set(cls.FIXED) | set(codes.spec.columns())
         columns = cls({name: a for name, a in arrays.items() if name in wanted}, arena)
+        count = len(arrays["record"])
         if not set(codes.spec.columns()) <= set(columns.arrays):
-            log.warning("indexing new filter attributes of %d rows from their attrs (once)", len(arrays["record"]))
-            columns.recompute_filters(codes, len(arrays["record"]))
+            log.warning("indexing new filter attributes of %d rows from their attrs (once)", count)
+            columns.recompute_filters(codes, count)
+        elif not lists_coded:
+            columns.recode_missing_keywords(codes, count)
         return columns
 
 
