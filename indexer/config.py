@@ -199,8 +199,9 @@ class ShardSettings(BaseModel):
     # memory of the vectors, "sq8" quarters it (8-bit scalar quantisation); see docs/benchmarks.md.
     vectors: dict[Literal["products", "posts"], Literal["float32", "float16", "sq8"]] = {}
     # Attributes indexed for filters inside the search: keyword ones match one of some values
-    # (case-folded; true/false for booleans), numeric ones a range. Each costs 4 (keyword) or 8
-    # (numeric) bytes a row. Filters on other attributes are refused with a 400.
+    # (case-folded; true/false for booleans; a list by any of its values), numeric ones a range.
+    # Each costs 4 (keyword) or 8 (numeric) bytes a row. Filters on other attributes are refused
+    # with a 400.
     keyword_attributes: tuple[str, ...] = ("brand", "colour", "size", "gender", "in_stock")
     numeric_attributes: tuple[str, ...] = ("price",)
     # A filtered search scores the matching rows of a sealed segment exactly when there are at most

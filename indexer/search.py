@@ -32,7 +32,7 @@ from indexer.config import ImageSettings
 from indexer.images import Decoded, decode
 from indexer.pipeline import Pipeline
 from indexer.pipeline import crop as pipeline_crop
-from indexer.store.columns import compile_filter, keyword_value
+from indexer.store.columns import compile_filter, keyword_values
 from indexer.store.shards import Hit, ShardSet
 from plugins.models import Candidate, Encoder, Reranker, RerankQuery
 
@@ -54,11 +54,15 @@ class Where:
 
 
 def facets(attrs: Iterable[dict[str, Any]], attributes: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """Per keyword attribute, how many of these hits' attrs have each value (as filters match it), most first."""
+    """Per keyword attribute, how many of these hits' attrs have each value (as filters match it), most first.
+
+    A hit whose attribute is a list counts once for each distinct value in it
+    (``keyword_values``), so a value's count is how many hits a filter for it keeps.
+    """
     attrs = list(attrs)
     out = {}
     for name in attributes:
-        counts = Counter(v for v in (keyword_value(a.get(name)) for a in attrs) if v is not None)
+        counts = Counter(v for a in attrs for v in keyword_values(a.get(name)))
         out[name] = dict(counts.most_common())
     return out
 

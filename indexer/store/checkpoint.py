@@ -267,7 +267,10 @@ def _load(
     else:
         saved = msgpack.unpackb(read(CODES))
         codes = Codes(spec, saved["labels"], saved["keywords"])
-        states = _states(manifest, read, path, sums, codes)
+        lists_coded = manifest["format"] >= 3  # format 2 coded a list-valued keyword attribute as MISSING
+        if not lists_coded and spec.keyword:
+            log.warning("checkpoint %s is from before list values were coded: re-coding such rows (once)", path.name)
+        states = _states(manifest, read, path, sums, codes, lists_coded)
     dim = generation["dim"]
     shards = ShardSet.restore(dim, settings, states, manifest["seq"], codes, backend)
     checkpoint = Checkpoint(path, manifest["seq"], manifest["offsets"], manifest["counters"], generation)
@@ -276,7 +279,12 @@ def _load(
 
 
 def _states(
-    manifest: dict[str, Any], read: Callable[[str], bytes], path: Path, sums: Any, codes: Codes
+    manifest: dict[str, Any],
+    read: Callable[[str], bytes],
+    path: Path,
+    sums: Any,
+    codes: Codes,
+    lists_coded: bool = True,
 ) -> dict[tuple[str, str], tuple[tuple[Segment, ...], Segment]]:
     stored = FaissBackend()  # reads the segments as written; ShardSet.restore makes them live on ``backend``
     states = {}
@@ -288,13 +296,13 @@ def _states(
             keys, arrays = _npz_load(read(f"{name}.npz"))
             rows = _sealed_rows(kind, name, read, path, sums)
             segment = Segment(
-                kind, keys, np.where(dead, 0, NEVER).astype(np.int64), Columns.from_arrays(arrays, codes),
+                kind, keys, np.where(dead, 0, NEVER).astype(np.int64), Columns.from_arrays(arrays, codes, lists_coded),
                 len(keys), int(dead.sum()), backend=stored, by_record=True, **rows,
             )  # fmt: skip
             sealed.append(segment)
         vectors = _npy_load(read(f"{n}.growing.npy"))
         keys, arrays = _npz_load(read(f"{n}.growing.npz"))
-        growing = growing_from(vectors, keys, Columns.from_arrays(arrays, codes), 256, stored)
+        growing = growing_from(vectors, keys, Columns.from_arrays(arrays, codes, lists_coded), 256, stored)
         states[(entry["collection"], entry["category"])] = (tuple(sealed), growing)
     return states
 

@@ -44,8 +44,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: ``keyword`` attribute code of a row whose record has no such attribute (or a value that is not a scalar)
+#: ``keyword`` attribute code of a row whose record has no such attribute (or no value a filter can match)
 MISSING = -1
+#: distinct elements of a list-valued keyword attribute that are indexed (and counted in facets), the first
+#: ones in the list's order; later ones match no filter (docs/architecture.md, "Filters")
+MAX_KEYWORD_ELEMENTS = 64
 #: bytes of one arena gather step (vectorised; its index array is 8 times as large)
 _GATHER_BYTES = 16 << 20
 
@@ -57,10 +60,10 @@ def record_hash(collection: str, record_id: str) -> int:
 
 
 def keyword_value(value: Any) -> str | None:
-    """How a keyword attribute's value is indexed and matched: case-folded text; None where it cannot be one.
+    """How a scalar keyword value is indexed and matched: case-folded text; None where it cannot be one.
 
     Booleans are "true"/"false" (``in_stock=true``), whole numbers have no ".0".
-    Lists and maps are not keyword values (see docs/architecture.md, "Filters").
+    Lists are the business of :func:`keyword_values`; maps are not keyword values.
     """
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -73,6 +76,41 @@ def keyword_value(value: Any) -> str | None:
     return None
 
 
+def keyword_values(value: Any) -> tuple[str, ...]:
+    """The keyword values an attribute's value has: a filter for any of them matches it, facets count each once.
+
+    A scalar has one (or none, as :func:`keyword_value` says). A list (or
+    tuple) has its elements' distinct values, in the list's order, at most
+    ``MAX_KEYWORD_ELEMENTS``; an element that is not a scalar (a list, a map,
+    null) is skipped, so ``["M", null]`` is ``("m",)`` and ``[]`` has none.
+    """
+    if not isinstance(value, list | tuple):
+        word = keyword_value(value)
+        return () if word is None else (word,)
+    distinct: dict[str, None] = {}
+    for element in value:
+        word = keyword_value(element)
+        if word is not None:
+            distinct[word] = None
+            if len(distinct) == MAX_KEYWORD_ELEMENTS:
+                break
+    return tuple(distinct)
+
+
+#: a keyword vocabulary's entry: one value, or the sorted distinct values of a list (two or more)
+Entry = str | tuple[str, ...]
+
+
+def keyword_entry(value: Any) -> Entry | None:
+    """The vocabulary entry a row's value is coded as: a list of one value is that value; None: MISSING."""
+    if not isinstance(value, list | tuple):
+        return keyword_value(value)
+    values = keyword_values(value)
+    if len(values) < 2:
+        return values[0] if values else None
+    return tuple(sorted(values))
+
+
 def numeric_value(value: Any) -> float:
     """A numeric attribute's value, NaN where it is not a number (NaN matches no range)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -81,25 +119,48 @@ def numeric_value(value: Any) -> float:
 
 
 class Vocabulary:
-    """Strings by code and codes by string, append-only: a reader may decode any code it has seen."""
+    """Entries by code and codes by entry, append-only: a reader may decode any code it has seen.
 
-    def __init__(self, words: Iterable[str] = ()) -> None:
-        self.words: list[str] = []
-        self._codes: dict[str, int] = {}
+    An entry is a value (a label, a keyword value) or, for a list-valued
+    keyword attribute, the sorted tuple of a list's distinct values
+    (``keyword_entry``): each distinct combination gets one code, so a row
+    keeps one int32 code whatever its list. ``containing`` answers which codes
+    a filter for one value must accept (the value's own and every combination
+    holding it) from an index of value -> codes, without scanning the entries.
+
+    One writer appends; readers (query threads compiling filters, the
+    checkpoint thread copying ``words``) take no lock. Everything only
+    grows, and a new code is added to the index before it is appended to
+    ``words``: so every code below ``len(words)`` is in the index (a filter
+    relies on it, ``Filter.current``), and a reader copies an index list
+    before using it.
+    """
+
+    def __init__(self, words: Iterable[Entry | list[str]] = ()) -> None:
+        self.words: list[Entry] = []
+        self._codes: dict[Entry, int] = {}
+        self._containing: dict[str, list[int]] = {}
         for word in words:
-            self.code(word)
+            self.code(word if isinstance(word, str) else tuple(word))  # a checkpoint has lists for tuples
 
-    def code(self, word: str) -> int:
-        """The word's code, given one if it is new (writer only)."""
+    def code(self, word: Entry) -> int:
+        """The entry's code, given one if it is new (writer only)."""
         code = self._codes.get(word)
         if code is None:
-            code = self._codes[word] = len(self.words)
+            code = len(self.words)
+            for value in (word,) if isinstance(word, str) else word:
+                self._containing.setdefault(value, []).append(code)
             self.words.append(word)
+            self._codes[word] = code
         return code
 
-    def find(self, word: str) -> int | None:
-        """The word's code, or None if no row ever had it."""
+    def find(self, word: Entry) -> int | None:
+        """The entry's code, or None if no row ever had it."""
         return self._codes.get(word)
+
+    def containing(self, value: str) -> tuple[int, ...]:
+        """The codes of every entry that is or holds this value (empty if no row ever had it)."""
+        return tuple(self._containing.get(value, ()))  # one copy, taken under the GIL
 
     def __len__(self) -> int:
         return len(self.words)
@@ -122,13 +183,21 @@ class FilterSpec:
 class Codes:
     """The shard set's vocabularies: detector labels, and the values of each keyword attribute."""
 
-    def __init__(self, spec: FilterSpec, labels: Iterable[str] = (), keywords: dict[str, list[str]] | None = None):
+    def __init__(
+        self, spec: FilterSpec, labels: Iterable[str] = (), keywords: dict[str, list[Any]] | None = None
+    ) -> None:
         self.spec = spec
         self.labels = Vocabulary(labels)
         self.keywords = {name: Vocabulary((keywords or {}).get(name, ())) for name in spec.keyword}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"labels": list(self.labels.words), "keywords": {n: list(v.words) for n, v in self.keywords.items()}}
+        """The vocabularies as msgpack writes them (a combination's tuple becomes an array, read back as a tuple)."""
+        return {
+            "labels": list(self.labels.words),
+            "keywords": {
+                n: [w if isinstance(w, str) else list(w) for w in list(v.words)] for n, v in self.keywords.items()
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -139,13 +208,35 @@ class Condition:
     any_of: tuple[int, ...] | None = None  # codes; empty: a value no row has, so nothing matches
     low: float = -math.inf
     high: float = math.inf
+    values: tuple[str, ...] = ()  # the keyword values asked for, as keyword_value folds them
+    known: int = 0  # how many codes the attribute's vocabulary had when ``any_of`` was found
 
 
 @dataclass(frozen=True)
 class Filter:
-    """Conditions that must all hold; compiled against a ``Codes`` (``Codes.compile``)."""
+    """Conditions that must all hold; compiled against a ``Codes`` (``compile_filter``)."""
 
     conditions: tuple[Condition, ...]
+
+    def current(self, codes: Codes) -> Filter:
+        """This filter with every code its values have now: a reader calls it after taking its view.
+
+        The rows of a view were coded before it was published, so their codes
+        are all known once the view is taken. A filter compiled before that
+        misses a code given in between: a record rewritten from ``["S", "M"]``
+        to a new combination ``["S", "M", "XL"]`` would be in no result for
+        ``size=M`` at that moment. Where a vocabulary grew since, the values
+        are looked up again (rare, and a dictionary lookup each).
+        """
+        keyword = [c for c in self.conditions if c.any_of is not None]
+        if all(len(codes.keywords[c.attribute.removeprefix("kw.")]) == c.known for c in keyword):
+            return self
+        return Filter(
+            tuple(
+                c if c.any_of is None else _any_of(codes, c.attribute.removeprefix("kw."), c.values)
+                for c in self.conditions
+            )
+        )
 
 
 class UnknownAttribute(ValueError):
@@ -153,19 +244,30 @@ class UnknownAttribute(ValueError):
 
 
 def compile_filter(codes: Codes, keyword: dict[str, Sequence[Any]], ranges: dict[str, tuple[float, float]]) -> Filter:
-    """A filter over indexed attributes: ``keyword`` any-of values, ``ranges`` inclusive [low, high]."""
+    """A filter over indexed attributes: ``keyword`` any-of values, ``ranges`` inclusive [low, high].
+
+    A keyword value matches rows coded with it and rows coded with a list
+    that holds it (``Vocabulary.containing``): the codes are found here, once
+    a query, and the row masks stay one ``np.isin`` per column.
+    """
     conditions = []
     for name, values in keyword.items():
         if name not in codes.keywords:
             raise UnknownAttribute(name)
-        vocabulary = codes.keywords[name]
-        found = (vocabulary.find(v) for v in (keyword_value(x) for x in values) if v is not None)
-        conditions.append(Condition(f"kw.{name}", any_of=tuple(sorted({c for c in found if c is not None}))))
+        folded = tuple(dict.fromkeys(v for v in map(keyword_value, values) if v is not None))
+        conditions.append(_any_of(codes, name, folded))
     for name, (low, high) in ranges.items():
         if name not in codes.spec.numeric:
             raise UnknownAttribute(name)
         conditions.append(Condition(f"num.{name}", low=low, high=high))
     return Filter(tuple(conditions))
+
+
+def _any_of(codes: Codes, name: str, values: tuple[str, ...]) -> Condition:
+    vocabulary = codes.keywords[name]
+    known = len(vocabulary)  # before the lookups: every code below it is in the index (Vocabulary)
+    found = {code for value in values for code in vocabulary.containing(value)}
+    return Condition(f"kw.{name}", any_of=tuple(sorted(found)), values=values, known=known)
 
 
 class Columns:
@@ -222,6 +324,23 @@ class Columns:
     def recompute_filters(self, codes: Codes, count: int) -> None:
         """Fill the filter columns of ``codes.spec`` from the blobs (after the configured attributes changed)."""
         self.arrays.update(_filter_columns(codes, [self.blob(r)[1] for r in range(count)]))
+
+    def recode_missing_keywords(self, codes: Codes, count: int) -> int:
+        """Code again, from their blobs, the rows with a MISSING keyword code; return how many there were.
+
+        For a checkpoint from before list values were coded: its rows with a
+        list have MISSING codes, and only rows with some MISSING code are read.
+        """
+        names = [f"kw.{a}" for a in codes.spec.keyword]
+        missing = np.zeros(count, bool)
+        for name in names:
+            missing |= self.arrays[name][:count] == MISSING
+        rows = np.flatnonzero(missing)
+        if len(rows):
+            coded = _filter_columns(codes, [self.blob(int(r))[1] for r in rows])
+            for name in names:
+                self.arrays[name][rows] = coded[name]
+        return len(rows)
 
     # -- the writer: rows past the published count -----------------------------------------
 
@@ -310,24 +429,32 @@ class Columns:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], codes: Codes) -> Columns:
-        """Columns read back from a checkpoint: filter columns no longer configured dropped, new ones filled."""
+    def from_arrays(cls, arrays: dict[str, np.ndarray], codes: Codes, lists_coded: bool = True) -> Columns:
+        """Columns read back from a checkpoint: filter columns no longer configured dropped, new ones filled.
+
+        ``lists_coded`` False (a checkpoint of format 2, from before list
+        values were coded): rows with a MISSING keyword code are coded again
+        from their attrs.
+        """
         arena = arrays.pop("arena")
         wanted = set(cls.FIXED) | set(codes.spec.columns())
         columns = cls({name: a for name, a in arrays.items() if name in wanted}, arena)
+        count = len(arrays["record"])
         if not set(codes.spec.columns()) <= set(columns.arrays):
-            log.warning("indexing new filter attributes of %d rows from their attrs (once)", len(arrays["record"]))
-            columns.recompute_filters(codes, len(arrays["record"]))
+            log.warning("indexing new filter attributes of %d rows from their attrs (once)", count)
+            columns.recompute_filters(codes, count)
+        elif not lists_coded:
+            columns.recode_missing_keywords(codes, count)
         return columns
 
 
 def _filter_columns(codes: Codes, attrs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The filter columns of rows with these attrs: a keyword value's code (or MISSING), a number (or NaN)."""
+    """The filter columns of rows with these attrs: a keyword entry's code (or MISSING), a number (or NaN)."""
     n = len(attrs)
     out = {}
     for name, vocabulary in codes.keywords.items():
-        values = (keyword_value(a.get(name)) for a in attrs)
-        out[f"kw.{name}"] = np.fromiter((MISSING if v is None else vocabulary.code(v) for v in values), np.int32, n)
+        entries = (keyword_entry(a.get(name)) for a in attrs)
+        out[f"kw.{name}"] = np.fromiter((MISSING if e is None else vocabulary.code(e) for e in entries), np.int32, n)
     for name in codes.spec.numeric:
         out[f"num.{name}"] = np.fromiter((numeric_value(a.get(name)) for a in attrs), np.float64, n)
     return out

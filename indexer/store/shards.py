@@ -628,6 +628,8 @@ class ShardSet:
         back whenever k matching records exist, however selective the filter.
         """
         view = self.view
+        if where is not None:
+            where = where.current(view.codes)  # compiled before the view was taken: its new codes too
         collections = (collection,) if isinstance(collection, str) else collection
         query = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
         fetch = 2 * k  # more than k: one record may hold several matching items

@@ -47,7 +47,9 @@ def _filter_params(settings: Settings) -> list[Schema]:
             "schema": {"type": "array", "items": {"type": "string"}},
             "style": "form",
             "explode": True,
-            "description": f"attrs.{name} is one of these values (case-folded; true/false for booleans)",
+            "description": (
+                f"attrs.{name} is one of these values, or a list holding one (case-folded; true/false for booleans)"
+            ),
         }
         for name in settings.shards.keyword_attributes
     ]

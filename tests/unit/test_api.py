@@ -7,6 +7,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from indexer.events import Event, decode_event, encode_event
 from indexer.web.app import create_app
 from tests.support.imagegen import JPEG, encoded, product_image
 
@@ -53,6 +54,32 @@ async def test_any_of_filters_and_facets_over_the_hits(client, node):
     )
     body = await response.json()
     assert [h["id"] for h in body["hits"]] == ["p3"] and body["facets"] == {"brand": {"zeta": 1}}
+
+
+async def test_list_valued_attributes_match_by_any_value_and_facet_each_value(client, node):
+    """Sizes and colours as a catalog lists them, sent through the event format as a producer would."""
+    sizes = [["S", "M"], ["m", "L", "M"], "M", [], ["XL", "l"], ["S", None]]
+    colours = [["Red", "white"], ["red"], "White", ["blue", "blue"], None, ["red", {"hex": "#f00"}]]
+    events = []
+    for i, (size, colour) in enumerate(zip(sizes, colours, strict=True)):
+        attrs = {"category": ("top", "bag")[i % 2], "size": size, **({} if colour is None else {"colour": colour})}
+        event = Event("product.upsert", f"p{i}", 100 + i, image=encoded(product_image(i)), attrs=attrs)
+        events.append(decode_event(encode_event(event)))
+    node.active.shards.apply(node.active.pipeline.process(events))
+
+    body = await search(client, 3, "?k=10&size=M&facets=size,colour")
+    assert {h["id"] for h in body["hits"]} == {"p0", "p1", "p2"}
+    assert body["facets"] == {"size": {"m": 3, "s": 1, "l": 1}, "colour": {"red": 2, "white": 2}}
+    assert next(h for h in body["hits"] if h["id"] == "p1")["attrs"]["size"] == ["m", "L", "M"]  # as sent
+    body = await search(client, 3, "?k=10&size=xl&size=L")
+    assert {h["id"] for h in body["hits"]} == {"p1", "p4"}
+    body = await search(client, 3, "?k=10&size=S&colour=RED&facets=colour")
+    assert {h["id"] for h in body["hits"]} == {"p0", "p5"} and body["facets"] == {"colour": {"red": 2, "white": 1}}
+    vector = node.active.shards.record_vectors("products", "p4")[0][1].tolist()
+    response = await client.post("/search/vector", json={"vector": vector, "k": 10, "size": ["l"], "facets": ["size"]})
+    body = await response.json()
+    assert [h["id"] for h in body["hits"]][:1] == ["p4"] and {h["id"] for h in body["hits"]} == {"p1", "p4"}
+    assert body["facets"] == {"size": {"l": 2, "m": 1, "xl": 1}}
 
 
 @pytest.mark.parametrize(

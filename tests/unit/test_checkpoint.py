@@ -1,10 +1,12 @@
+import io
+
 import numpy as np
 import pytest
 
 from indexer.config import ShardSettings
 from indexer.store import backends
 from indexer.store.checkpoint import load_latest, write_checkpoint
-from indexer.store.columns import compile_filter
+from indexer.store.columns import MISSING, compile_filter
 from indexer.store.records import Delete
 from indexer.store.shards import ShardSet
 from tests.support.shards import DIM, fill, unit_vectors, upsert
@@ -164,6 +166,103 @@ def test_attributes_indexed_after_a_checkpoint_are_filled_from_the_records_when_
     red = compile_filter(restored.codes, {"colour": ["RED"]}, {})
     hits = restored.search(data[1], 100, "products", where=red)
     assert len(hits) == 100 and all(h.attrs["colour"] == "red" for h in hits)
+    restored.close()
+
+
+SIZES = [["S", "M"], ["m", "L", "M"], "M", [], ["XL"], ("l", "s")]
+LISTS = ShardSettings(seal_min_rows=100, growing_max_rows=60, hnsw_max_rows=1_000, keyword_attributes=("size",))
+
+
+def with_sizes(data, start=0, sizes=SIZES):
+    return [upsert(f"p{start + i}", [v], attrs={"size": sizes[i % len(sizes)]}) for i, v in enumerate(data)]
+
+
+def filtered(shards, query, *values):
+    where = compile_filter(shards.codes, {"size": list(values)}, {})
+    return sorted(h.id for h in shards.search(query, 1_000, "products", where=where))
+
+
+def test_list_valued_attributes_filter_the_same_after_a_restore(tmp_path):
+    shards = ShardSet(DIM, LISTS)
+    data = unit_vectors(230)
+    for start in range(0, 200, 50):
+        shards.apply(with_sizes(data[start : start + 50], start))
+    shards.wait_for_rebuilds(timeout=60)
+    shards.apply(with_sizes(data[200:], 200, [["XS", "M"], "xs"]))  # new combinations, in the growing segment
+    assert shards.view.shards[("products", "top")].sealed is not None
+    before = {v: filtered(shards, data[0], v) for v in ("M", "s", "L", "xl", "XS")}
+    assert len(before["M"]) == 4 * 26 + 15  # i % 6 in (0, 1, 2) of each batch of 50, and each ["XS", "M"]
+    write_checkpoint(tmp_path, shards.view, {}, {}, GENERATION)
+
+    _, restored = load_latest(tmp_path, GENERATION, LISTS)
+    assert restored.codes.keywords["size"].words == shards.codes.keywords["size"].words
+    assert {v: filtered(restored, data[0], v) for v in before} == before
+    restored.apply(with_sizes(data[:1], 500, [["XL", "xs"]]))  # a combination after the restore gets a new code
+    assert filtered(restored, data[0], "XS") == sorted([*before["XS"], "p500"])
+    assert filtered(restored, data[0], "xl") == sorted([*before["xl"], "p500"])
+    shards.close()
+    restored.close()
+
+
+def as_written_before_lists(directory, values: int) -> None:
+    """Rewrite a checkpoint as format 2, the version before list values were coded, wrote it.
+
+    Only the first ``values`` words came from single values (every row with a
+    list was MISSING, so no other word existed): the rest go, and so do their codes.
+    Format 2 held one sealed segment a shard at most, named without a number.
+    """
+    import json
+
+    import crc32c
+    import msgpack
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["format"] = 2
+    for entry in manifest["shards"]:
+        assert len(entry["sealed"]) <= 1
+        if entry["sealed"]:
+            entry["sealed"] = entry["sealed"][0]
+        else:
+            del entry["sealed"]
+    for path in directory.glob("*.sealed.0.*"):
+        old, new = path.name, path.name.replace(".sealed.0.", ".sealed.")
+        path.rename(directory / new)
+        manifest["files"][new] = manifest["files"].pop(old)
+    codes = msgpack.unpackb((directory / "codes.msgpack").read_bytes())
+    words = codes["keywords"]["size"]
+    values = words[:values]
+    assert all(isinstance(w, str) for w in values)
+    codes["keywords"]["size"] = values
+    files = {"codes.msgpack": msgpack.packb(codes)}
+    for path in directory.glob("*.npz"):
+        with np.load(path) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        arrays["kw.size"] = np.where(arrays["kw.size"] >= len(values), MISSING, arrays["kw.size"]).astype(np.int32)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        files[path.name] = buffer.getvalue()
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+        manifest["files"][name] = [len(content), crc32c.crc32c(content)]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_from_before_lists_codes_its_list_rows_when_restored(tmp_path):
+    shards = ShardSet(DIM, LISTS)
+    data = unit_vectors(150)
+    shards.apply(with_sizes(data[:50], 0, ["M", "S"]))
+    shards.apply(with_sizes(data[50:100], 50))
+    shards.wait_for_rebuilds(timeout=60)
+    shards.apply(with_sizes(data[100:], 100))  # growing rows too
+    expected = filtered(shards, data[0], "M")
+    assert len(expected) == 25 + 2 * 26  # half the first 50; i % 6 in (0, 1, 2) of 50, twice
+    checkpoint = write_checkpoint(tmp_path, shards.view, {}, {}, GENERATION)
+    shards.close()
+    as_written_before_lists(checkpoint.path, values=2)  # "m", "s" of the first batch
+
+    _, restored = load_latest(tmp_path, GENERATION, LISTS)
+    assert filtered(restored, data[0], "M") == expected
+    assert filtered(restored, data[0], "XL") == sorted(f"p{s + i}" for s in (50, 100) for i in range(50) if i % 6 == 4)
     restored.close()
 
 

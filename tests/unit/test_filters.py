@@ -3,7 +3,8 @@
 Random records, attributes and filters against a brute-force reference, on
 every path a filtered search can take: the growing segment, a sealed one scored
 exactly over its matching rows, and a sealed HNSW or IVF index searched with a
-selector of them.
+selector of them. Keyword attributes are single values or lists (empty, with
+duplicates, in mixed case, holding a null, a list or a map).
 """
 
 from __future__ import annotations
@@ -16,12 +17,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from indexer.config import ShardSettings
-from indexer.store.columns import Codes, Columns, FilterSpec, compile_filter, keyword_value
+from indexer.search import facets
+from indexer.store.columns import (
+    MAX_KEYWORD_ELEMENTS,
+    MISSING,
+    Codes,
+    Columns,
+    FilterSpec,
+    compile_filter,
+    keyword_value,
+)
 from indexer.store.records import Delete, Item, Upsert
 from indexer.store.shards import ShardSet
 from tests.support.shards import DIM, unit_vectors
 
+ITEM = Item("top", np.zeros(DIM, np.float32), (0, 0, 1, 1), None, 1.0)
 BRANDS = ["Acme", "acme", "Zeta", "Other", None, 3, True]
+#: elements of the generated ``size`` and ``colour`` lists: mixed case, repeats, and some that are not values
+SIZES = ["S", "s", "M", "m", "L", "XL", 3, True, None, ["M"], {"size": "M"}]
+COLOURS = ["red", "Red", "white", "blue", None]
 PATHS = {
     "growing": ShardSettings(seal_min_rows=10_000),
     "sealed-exact": ShardSettings(seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=1_000, hnsw_m=8),
@@ -43,7 +57,19 @@ def attrs_of(rng: np.random.Generator) -> dict:
         attrs["price"] = float(rng.integers(0, 100)) if rng.random() < 0.9 else "n/a"
     if rng.random() < 0.7:
         attrs["in_stock"] = bool(rng.random() < 0.5)
+    for name, pool in (("size", SIZES), ("colour", COLOURS)):
+        value = value_of(rng, pool)
+        if value is not None:
+            attrs[name] = value
     return attrs
+
+
+def value_of(rng: np.random.Generator, pool: list):
+    """A single value of the pool, or a list (sometimes a tuple) of 0-5 of them, repeats allowed."""
+    if rng.random() < 0.3:
+        return pool[rng.integers(len(pool))]
+    elements = [pool[i] for i in rng.integers(len(pool), size=rng.integers(0, 6))]
+    return tuple(elements) if rng.random() < 0.2 else elements
 
 
 def records(n: int, seed: int) -> list[Upsert]:
@@ -59,9 +85,25 @@ def records(n: int, seed: int) -> list[Upsert]:
     return out
 
 
+def reference_values(value) -> set[str]:
+    """The values a keyword filter matches an attribute by, written out here rather than taken from columns.py.
+
+    A single value is itself as ``keyword_value`` folds it; a list is its
+    elements that are single values, the first MAX_KEYWORD_ELEMENTS distinct ones.
+    """
+    if not isinstance(value, list | tuple):
+        return {keyword_value(value)} - {None}
+    distinct = []
+    for element in value:
+        word = keyword_value(element)  # None for a null, a list or a map: skipped
+        if word is not None and word not in distinct:
+            distinct.append(word)
+    return set(distinct[:MAX_KEYWORD_ELEMENTS])
+
+
 def matches(attrs: dict, keyword: dict, ranges: dict) -> bool:
     for name, values in keyword.items():
-        if keyword_value(attrs.get(name)) not in {keyword_value(v) for v in values}:
+        if not reference_values(attrs.get(name)) & {keyword_value(v) for v in values}:
             return False
     for name, (low, high) in ranges.items():
         value = attrs.get(name)
@@ -92,6 +134,8 @@ filters = st.fixed_dictionaries(
     optional={
         "brand": st.lists(st.sampled_from(["acme", "ZETA", "other", "3", "true", "none-such"]), min_size=1, max_size=3),
         "in_stock": st.lists(st.sampled_from([True, False, "true"]), min_size=1, max_size=2),
+        "size": st.lists(st.sampled_from(["s", "M", "l", "XL", "3", "true", "none-such"]), min_size=1, max_size=3),
+        "colour": st.lists(st.sampled_from(["RED", "white", "blue", "none-such"]), min_size=1, max_size=2),
     },
 )
 price_ranges = st.one_of(
@@ -112,6 +156,13 @@ def test_a_filtered_search_is_the_exact_filtered_top_k(path, n, seed, k, keyword
         where = compile_filter(shards.codes, keyword, ranges) if keyword or ranges else None
         hits = shards.search(query, k, "products", where=where)
         assert [h.id for h in hits] == expected_ids(ups, query, k, keyword, ranges)
+        counted = facets([h.attrs for h in hits], ("size", "colour"))
+        for name in ("size", "colour"):
+            expected = {}
+            for h in hits:
+                for value in reference_values(h.attrs.get(name)):
+                    expected[value] = expected.get(value, 0) + 1
+            assert counted[name] == expected
     finally:
         shards.close()
 
@@ -185,3 +236,45 @@ def test_columns_take_and_concat_keep_each_rows_blob():
     assert codes.keywords["brand"].words == ["b0", "b1", "b2", "b3"]
     brand_b1 = compile_filter(codes, {"brand": ["b1"]}, {"price": (0, 20)})
     assert np.flatnonzero(columns.match(brand_b1, 50)).tolist() == [1, 5, 9, 13, 17]
+
+
+def test_a_list_is_coded_as_the_set_of_its_values():
+    codes = Codes(FilterSpec(("size",), ()))
+    sizes = [["M", "s", "m"], ["S", "M"], ("m", "S"), ["M"], "m", [], [None, ["L"]], {"size": "M"}, ["L", {"x": 1}]]
+    columns = Columns.of_items(codes, [("products", f"r{i}", 0, ITEM, 0, {"size": s}) for i, s in enumerate(sizes)])
+    coded = columns.arrays["kw.size"][: len(sizes)].tolist()
+    assert codes.keywords["size"].words == [("m", "s"), "m", "l"]
+    assert coded == [0, 0, 0, 1, 1, MISSING, MISSING, MISSING, 2]
+    for value, rows in [("M", [0, 1, 2, 3, 4]), ("s", [0, 1, 2]), ("L", [8]), ("XL", [])]:
+        assert np.flatnonzero(columns.match(compile_filter(codes, {"size": [value]}, {}), len(sizes))).tolist() == rows
+    either = compile_filter(codes, {"size": ["l", "S"]}, {})
+    assert np.flatnonzero(columns.match(either, len(sizes))).tolist() == [0, 1, 2, 8]
+    assert codes.keywords["size"].containing("m") == (0, 1)
+
+
+def test_only_the_first_distinct_values_of_a_long_list_are_indexed_and_counted():
+    codes = Codes(FilterSpec(("size",), ()))
+    sizes = [f"s{i}" for i in range(MAX_KEYWORD_ELEMENTS + 10)]
+    columns = Columns.of_items(codes, [("products", "r0", 0, ITEM, 0, {"size": ["s0", *sizes]})])
+    last = f"s{MAX_KEYWORD_ELEMENTS - 1}"
+    assert columns.match(compile_filter(codes, {"size": [last]}, {}), 1).tolist() == [True]
+    assert columns.match(compile_filter(codes, {"size": [f"s{MAX_KEYWORD_ELEMENTS}"]}, {}), 1).tolist() == [False]
+    counted = facets([{"size": ["s0", *sizes]}], ("size",))["size"]
+    assert len(counted) == MAX_KEYWORD_ELEMENTS and counted[last] == 1 and set(counted.values()) == {1}
+
+
+def test_a_filter_compiled_before_a_new_combination_was_coded_still_matches_its_rows():
+    """A query compiles ``size=M``; the writer rewrites a record to a combination no row had and publishes
+    it; then the query takes its view. The record matched before and matches after: it is in the result."""
+    vector = unit_vectors(1)[0]
+    item = Item("top", vector, (0, 0, 1, 1), None, 1.0)
+    shards = ShardSet(DIM, PATHS["growing"])
+    try:
+        shards.apply([Upsert("products", "r0", 0, {"size": ["S", "M"]}, (item,))])
+        size_m = compile_filter(shards.codes, {"size": ["m"]}, {})
+        shards.apply([Upsert("products", "r0", 1, {"size": ["S", "M", "XL"]}, (item,))])
+        assert [h.id for h in shards.search(vector, 5, "products", where=size_m)] == ["r0"]
+        fresh = compile_filter(shards.codes, {"size": ["m"]}, {"price": (0, 10)})
+        assert fresh.current(shards.codes) is fresh and size_m.current(shards.codes).conditions == fresh.conditions[:1]
+    finally:
+        shards.close()
