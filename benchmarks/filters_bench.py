@@ -145,7 +145,7 @@ def measure(n: int, dim: int, codec: str, queries_n: int, queue) -> None:
     ids = lambda hits: [int(h.id[1:]) for h in hits]  # noqa: E731
     found, latency = timed_queries(lambda q: ids(shards.search(q, 10, "products")), queries)
     out["unfiltered"] = {**latency, "recall_at_10": recall(found, exact_top(base, queries, None))}
-    sealed = shards.view.shards[("products", "top")].sealed
+    (sealed,) = shards.view.shards[("products", "top")].sealed  # settled: one index
     with one_openmp_thread():
         _, raw_latency = timed_queries(
             lambda q: sealed.index.search(q[None], 10, params=sealed.search_params)[1][0].tolist(), queries

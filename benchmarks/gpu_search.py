@@ -61,7 +61,7 @@ def run(n: int, dim: int, queries: int) -> dict:
         "cpu_qps_sequential": round(len(cpu_times) / sum(cpu_times), 1),
         "cpu_faiss_knn": percentiles(cpu_times),
         "top10_agreement_with_cpu": round(float(agree), 4),
-        "sealed_rows": state.sealed.count if state.sealed else 0,
+        "sealed_rows": sum(s.count for s in state.sealed),
         "growing_rows": state.growing.count,
     }
 

@@ -133,7 +133,7 @@ async def lookstream(base: np.ndarray, qs: np.ndarray, exact: np.ndarray, fresh:
         http = latencies(await run_client(port, "/search/vector", qs))
         raw = raw_latencies(state.segments, qs)
         paced = raw_latencies(state.segments, qs, pause_s=float(np.median(http)))
-        index, growing_rows = state.sealed.kind, state.growing.count
+        index, growing_rows = "+".join(s.kind for s in state.sealed), state.growing.count
         del state  # else its sealed index (5 GB at 1M x 1280) outlives the rebuilds that ingest below starts
         qps = len(latencies(await run_client(port, "/search/vector", qs, seconds=qps_s, connections=4))) / qps_s
 

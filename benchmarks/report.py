@@ -348,8 +348,11 @@ with the same parameters (filtered: the same selector), without the store around
 per record after the rebuilds settle, the store's whole process growth less the benchmark's own copy of the
 vectors; metadata: the store's columns and blobs per row, filter columns included."""
     )
+    # The large sizes (10M x 128, 1M x 1280) run on their own: --sizes ... --output filters-large.json
+    large = _load(page.results, "filters-large")
+    runs = [*data["runs"], *(large["runs"] if large else [])]
     rows = []
-    for r in data["runs"]:
+    for r in runs:
         u = r["unfiltered"]
         rows.append(
             [
@@ -369,7 +372,7 @@ vectors; metadata: the store's columns and blobs per row, filter columns include
     header += ["query p50 / p99 (FAISS alone)", "recall@10", "checkpoint / restart"]
     page.add(_table(header, rows))
     rows = []
-    for r in data["runs"]:
+    for r in runs:
         for f in r["filtered"]:
             ok = f["recall_at_10"] >= 0.95 and f["fewest_hits"] >= min(10, f["matching"])
             rows.append(

@@ -189,7 +189,7 @@ class ShardSettings(BaseModel):
     # While a shard's flush runs, new rows wait in its growing segment, searched exactly. Once one
     # holds this many times growing_max_rows, the consumer stops fetching until the flush is in, so
     # that a bulk load slows ingest rather than every query (0: never wait).
-    growing_hold_factor: float = Field(4.0, ge=0)
+    growing_hold_factor: float = Field(2.0, ge=0)
     # A checkpoint is written at most this often, and only when something changed.
     checkpoint_interval_s: float = Field(10.0, gt=0)
     #: "auto": exact search on the GPU with torch where one is visible, FAISS on the CPU otherwise

@@ -159,7 +159,8 @@ class FaissBackend(Backend):
         most twice the rows they were trained for: training (k-means) is most
         of an IVF build, 15 of 18 minutes at 1M x 1280 on one core.
 
-        An ``interim`` segment is IVF whatever its size: HNSW inserts about
+        An ``interim`` segment is IVF whatever its size, with the ``previous``
+        segment's centroids whatever their number: HNSW inserts about
         3,000-6,000 rows a second on one core (128-d, M 32), IVF-Flat with
         centroids at hand about 100,000, and searching either costs about the
         same below 200,000 rows (docs/architecture.md, "Shards").
@@ -184,7 +185,8 @@ class FaissBackend(Backend):
         nlist = ivf_nlist(n)
         quantizer = faiss.IndexFlatIP(dim)
         reuse = previous is not None and previous.kind == "ivf"
-        reuse = reuse and faiss.extract_index_ivf(previous.index).nlist >= nlist / math.sqrt(2)
+        # An interim segment takes any centroids at hand: it is merged again before long.
+        reuse = reuse and (interim or faiss.extract_index_ivf(previous.index).nlist >= nlist / math.sqrt(2))
         if reuse:  # trained for at least half as many rows: keep its centroids
             old = faiss.extract_index_ivf(previous.index)
             nlist = old.nlist

@@ -39,8 +39,14 @@ COLOURS = ["red", "Red", "white", "blue", None]
 PATHS = {
     "growing": ShardSettings(seal_min_rows=10_000),
     "sealed-exact": ShardSettings(seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=1_000, hnsw_m=8),
+    # the first segment HNSW, later flushes interim IVF segments (searched exhaustively here)
     "hnsw-selector": ShardSettings(
-        seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=1_000, hnsw_m=8, filter_exact_max_rows=0
+        seal_min_rows=20,
+        growing_max_rows=10,
+        hnsw_max_rows=1_000,
+        hnsw_m=8,
+        filter_exact_max_rows=0,
+        ivf_nprobe_fraction=1.0,
     ),
     "ivf-selector": ShardSettings(
         seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=20, ivf_nprobe_fraction=1.0, filter_exact_max_rows=0
