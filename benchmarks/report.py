@@ -348,9 +348,7 @@ with the same parameters (filtered: the same selector), without the store around
 per record after the rebuilds settle, the store's whole process growth less the benchmark's own copy of the
 vectors; metadata: the store's columns and blobs per row, filter columns included."""
     )
-    # The large sizes (10M x 128, 1M x 1280) run on their own: --sizes ... --output filters-large.json
-    large = _load(page.results, "filters-large")
-    runs = [*data["runs"], *(large["runs"] if large else [])]
+    runs = data["runs"]
     rows = []
     for r in runs:
         u = r["unfiltered"]
@@ -406,8 +404,8 @@ vectors; metadata: the store's columns and blobs per row, filter columns include
             f"""
 Bulk load (`filters_bench --bulk-load {bulk["n"]}`): {bulk["n"]:,} x {bulk["dim"]} rows applied as fast as the store
 takes them, holding back while `ShardSet.backlogged()` as the consumer does, one thread querying all the while.
-Loaded in {bulk["load_s"]} s, of which {bulk["held_s"]} s held back waiting for rebuilds; settled at
-{bulk["settled_s"]} s. Query p50 / p99 during the load {_ms(bulk["during"])}, after it until settled
+Loaded in {bulk["load_s"]} s, of which {bulk["held_s"]} s held back waiting for flushes; settled (every merge done,
+the idle shard merged into one index) at {bulk["settled_s"]} s. Query p50 / p99 during the load {_ms(bulk["during"])}, after it until settled
 {_ms(bulk["after"]) if "p99_ms" in bulk["after"] else "(no query)"}, settled {_ms(bulk["settled"])}."""
         )
     restart = _load(page.results, "filters-restart")
@@ -417,7 +415,7 @@ Loaded in {bulk["load_s"]} s, of which {bulk["held_s"]} s held back waiting for 
         page.add(
             f"""
 Restart at {_size(restart["n"], restart["dim"])} (`python -m benchmarks.filters_bench --restart-only {restart["n"]}`;
-the IVF index is made directly, building it through the store takes hours here): a checkpoint of
+the IVF index is made directly, not through the store): a checkpoint of
 {restart["checkpoint_gb"]} GB written in {restart["checkpoint_write_s"]} s, and `load_latest` up to the first answer in
 **{restart["restart_s"]} s** ({restart["restored_records"]:,} records, {restart["metadata_bytes_per_row"]} bytes of
 metadata a row). Goal ≤ 60 s: {_met(ok)}."""
