@@ -164,7 +164,7 @@ up to 200k rows, IVF above). Queries, k = 10, are sent one at a time by a client
 keep-alive connection. *HTTP floor*: an empty aiohttp handler on the same event loop, what any request costs
 on this machine before lookstream does anything. *Raw FAISS*: FAISS alone over the same rows in the same
 process: `index.search` on the sealed index plus exact `faiss.knn` over the rows still in the growing segment
-(lookstream searches both; the growing segment is folded into the index once it holds 20,000 rows), back to
+(lookstream searches both; the growing rows are sealed into a segment of their own once there are 20,000), back to
 back, and *paced* with a pause as long as an HTTP request between queries (a CPU that idles between requests
 loses its caches and clock; HTTP requests arrive that way). Milvus Lite gets the same
 vectors, queries and index parameters (HNSW M 32 / ef 128, or IVF_FLAT with the same lists and nprobe),
