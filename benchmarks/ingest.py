@@ -13,11 +13,15 @@
 * freshness: events published at 50% and 90% of the measured end-to-end rate
   for --seconds each; per event, producer timestamp -> searchable (the node's
   own freshness measure, the /metrics histogram), p50 and p99.
+* image query: ``POST /search`` with one 256x256 JPEG of a product not indexed,
+  one at a time from a client in another process, over the indexed records
+  (decode, the same models, search): p50 and p99.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -27,12 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.httpload import run_client
+from benchmarks.query_bench import latencies, serve
+from benchmarks.shards_bench import percentiles
 from indexer.config import Settings
 from indexer.events import Event, encode_event, now_ms
 from indexer.images import decode_image
 from indexer.kafka.broker import LocalBroker
 from indexer.kafka.topics import ensure_topics
 from indexer.node import build_node
+from indexer.web.app import create_app
 from plugins.manager import resolve_device, resolve_runtime
 from producers.publisher import make_producer
 from tests.support.imagegen import encoded, product_image
@@ -66,6 +74,17 @@ def wait_consumed(node, total: int, timeout: float = 600) -> int:
             raise TimeoutError(f"only {consumed} of {total} consumed")
         time.sleep(0.02)
     return consumed
+
+
+async def image_queries(node, jpegs: list[bytes]) -> dict:
+    """p50/p99 of ``POST /search`` with each JPEG once (after a warm-up), served by the node's app, which then
+    closes the node."""
+    runner, port = await serve(create_app(node, consume=False))
+    try:
+        await run_client(port, "/search?k=10", jpegs[:20])  # warm-up
+        return percentiles(latencies(await run_client(port, "/search?k=10", jpegs)))
+    finally:
+        await runner.cleanup()
 
 
 def main() -> None:
@@ -148,7 +167,8 @@ def main() -> None:
             print({k: v for k, v in loads[-1].items() if k != "timeline"}, flush=True)
         producer.close()
         node.stop_ingest()
-        node.close()
+        query = asyncio.run(image_queries(node, [encoded(product_image(10**6 + i, (256, 256))) for i in range(200)]))
+        print(f"POST /search, one 256x256 JPEG: {query}", flush=True)
     result = {
         "profile": args.profile,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -165,6 +185,7 @@ def main() -> None:
         "events": args.events,
         "efficiency": round(end_to_end / bare, 3),
         "freshness": loads,
+        "image_query": query,
     }
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
