@@ -140,9 +140,9 @@ class Shard:
     other merges, are the index a shard of that size is meant to have (HNSW up
     to ``hnsw_max_rows``). So a shard left alone is one such index.
 
-    So each row is rebuilt about log(rows / growing_max_rows) times over its
-    life, not once per ``growing_max_rows`` new rows, and a bulk load is never
-    waiting on a rebuild of everything indexed before it.
+    Each row is rebuilt about log(rows / growing_max_rows) times over its
+    life, not once per ``growing_max_rows`` new rows, and a bulk load never
+    waits on a rebuild of everything indexed before it.
     """
 
     def __init__(
