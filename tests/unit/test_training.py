@@ -121,11 +121,12 @@ def test_self_pairs_are_cached_deterministically_and_train_deterministically(min
     assert json.loads((plain.path / "config.json").read_text())["version"] != version
 
 
-def test_train_command_unfreezes_the_last_blocks_and_versions_its_output(mined):
+def test_train_command_unfreezes_the_last_blocks_with_self_pairs_and_versions_its_output(mined):
     args = ["train", "--data-dir", str(mined), "--epochs", "1", "--views", "1", "--batch-size", "8", "--no-progress"]
-    result = CliRunner().invoke(main, [*args, "--unfreeze", "1", "--dim", "32"])
+    result = CliRunner().invoke(main, [*args, "--unfreeze", "1", "--dim", "32", "--self-pairs", "0.5"])
     assert result.exit_code == 0, result.output
     assert "held-out R@1" in result.output and "base encoder, held-out" in result.output
+    assert "self pairs per epoch" in result.output
     written = sorted((mined / "trained").iterdir())
     assert [p.name for p in written][-1].startswith("efficientnet-lite0-ft-v")
     config = json.loads((written[-1] / "config.json").read_text())
