@@ -509,6 +509,14 @@ def pairs_command(config_path, data_dir) -> None:
 @click.option("--views", type=click.IntRange(1), default=4, show_default=True, help="Augmented views cached per image.")
 @click.option("--heldout", type=click.FloatRange(0, 0.9), default=0.2, show_default=True, help="Share of products.")
 @click.option("--max-pairs", type=click.IntRange(2), help="Train on at most this many pairs.")
+@click.option(
+    "--self-pairs",
+    type=click.FloatRange(0, 0.9),
+    default=0.0,
+    show_default=True,
+    help="Share of each epoch's pairs that pair a thumbnail with a JPEG'd, rescaled, recoloured view of itself "
+    "(0.5: as many as street pairs), beside the street pairs (docs/models.md).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Model directory (default: versioned).")
 @click.option("--swap", "swap_url", help="Then start the new generation on this node (URL of its API).")
@@ -526,6 +534,7 @@ def train_command(
     views,
     heldout,
     max_pairs,
+    self_pairs,
     seed,
     out,
     swap_url,
@@ -547,6 +556,7 @@ def train_command(
         views=views,
         heldout=heldout,
         max_pairs=max_pairs,
+        self_pairs=self_pairs,
         seed=seed,
     )
     try:

@@ -1,8 +1,12 @@
 """Augmentations for training pairs: a street crop changes more than a catalog thumbnail does.
 
 As in the seeds (Street2Shop: more aggressive augmentation for street photos,
-lighter for shop photos), each side has its own. Every view is a function of
-the image and a seed, so a run is reproducible and its views can be cached.
+lighter for shop photos), each side has its own. A third kind, ``photo``, is
+a catalog thumbnail as a camera and a re-encoder leave it (a tighter frame,
+lost resolution, heavy JPEG, other light, a mirror): paired with a ``shop``
+view of the same thumbnail it makes a *self pair* (``lookstream train
+--self-pairs``). Every view is a function of the image and a seed, so a run
+is reproducible and its views can be cached.
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ def street(image: Image.Image, seed: int) -> Image.Image:
     if rng.random() < 0.2:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     if rng.random() < 0.5:
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=rng.randint(35, 90))
-        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        image = _jpeg(image, rng.randint(35, 90))
     return image
+
+
+def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
 def shop(image: Image.Image, seed: int) -> Image.Image:
@@ -54,3 +62,25 @@ def shop(image: Image.Image, seed: int) -> Image.Image:
     if rng.random() < 0.5:
         image = ImageOps.mirror(image)
     return _jitter(image, rng, 0.12)
+
+
+def photo(image: Image.Image, seed: int) -> Image.Image:
+    """A catalog thumbnail photographed or re-encoded: tighter frame, lost resolution, colour, flip, heavy JPEG.
+
+    It covers the changes ``lookstream evaluate``'s offline queries make
+    (indexer/evalset.py: mirror, colour jitter, a 75-90% crop resized to
+    another aspect, JPEG at quality 15-30), with wider ranges, and is drawn
+    only on the training catalog's thumbnails, never on the evaluation photos.
+    """
+    rng = random.Random(seed)
+    w, h = image.size
+    if rng.random() < 0.7:  # a tighter frame, then down- and up-sampled (lost resolution) to another aspect
+        image = _crop(image, rng, 0.7)
+        small = rng.uniform(0.35, 1.0)
+        image = image.resize((max(8, int(w * small * rng.uniform(0.7, 1.3))), max(8, int(h * small))))
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    image = _jitter(image, rng, 0.4)
+    if rng.random() < 0.7:
+        image = _jpeg(image, rng.randint(12, 60))
+    return image

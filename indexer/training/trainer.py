@@ -15,6 +15,13 @@ Made to run on a CPU:
   each epoch draws one of them. Head-only training then costs a matrix product
   per batch; with the last blocks unfrozen, the 7x7 feature maps go through
   only those blocks. The frozen part runs in ONNX Runtime where it is installed.
+* Self pairs (``self_pairs``, a share of each epoch's pairs): a ``photo``
+  view of a training thumbnail (tighter frame, lost resolution, heavy JPEG,
+  colour, mirror) with a ``shop`` view of the same thumbnail, in the same
+  in-batch-negative batches as the street pairs, so that the model is also
+  asked to re-find one image under photographic change, which street crops
+  against thumbnails never ask. Their ``photo`` views are cached like the
+  others, under a key of their own. docs/models.md has what they change.
 * Products are split into training and held-out by a hash of their id, so a
   held-out product never appears in training, whichever run or seed. Held-out
   Recall@1/5/10 and mAP are measured after every epoch (garment crops of held-out
@@ -78,6 +85,9 @@ class TrainOptions:
     max_pairs: int | None = None
     #: Initial temperature of the loss (learned from there).
     temperature: float = 0.07
+    #: Share of each epoch's pairs that are self pairs (a ``photo`` view and a ``shop`` view of one
+    #: training thumbnail), drawn beside all the street pairs: 0.5 adds as many self pairs as street pairs.
+    self_pairs: float = 0.0
 
 
 @dataclass
@@ -220,9 +230,12 @@ def train(
             f"{len(train_split.anchors)} training pairs under {data_dir / 'pairs'}: publish posts that name "
             "their products in attrs.products (`lookstream pairs` shows what was mined)"
         )
+    n_street = len(train_split.anchors)
+    n_self = _self_pair_count(n_street, options.self_pairs)
     echo(
         f"{len(train_split.anchors)} training pairs of {len(train_split.gallery)} products; held out: "
         f"{len(held.anchors)} pairs, {len(held.gallery)} products"
+        + (f"; {n_self} self pairs per epoch" if n_self else "")
     )
     torch.manual_seed(options.seed)
     network = finetuned.build_network(options.base, options.dim, options.trained_blocks)
@@ -235,23 +248,32 @@ def train(
     anchor_bytes = [p.read_bytes() for p in train_split.anchors]
     product_bytes = [thumb(pid) for pid in train_split.gallery]
 
-    def viewed(data: list[bytes], transform, salt: int) -> list[Callable[[], Image.Image]]:
+    def viewed(data: list[bytes], transform, salt: int, plain: bool = True) -> list[Callable[[], Image.Image]]:
         makers = []
         for i, raw in enumerate(data):
             for v in range(views):
                 seed = options.seed * 1_000_003 + salt * 7919 + i * 131 + v
                 makers.append(
-                    (lambda raw=raw: _open(raw)) if v == 0 else (lambda raw=raw, seed=seed: transform(_open(raw), seed))
+                    (lambda raw=raw: _open(raw))
+                    if plain and v == 0
+                    else (lambda raw=raw, seed=seed: transform(_open(raw), seed))
                 )
         return makers
 
     base_key = (options.base, network.cut, options.trained_blocks, augment.VERSION)
     key = _digest(base_key, views, options.seed, [hashlib.sha256(b).hexdigest() for b in anchor_bytes])
     anchors = cache.features("anchors", viewed(anchor_bytes, augment.street, 1), key)
-    key = _digest(base_key, views, options.seed, [hashlib.sha256(b).hexdigest() for b in product_bytes])
+    product_digests = [hashlib.sha256(b).hexdigest() for b in product_bytes]
+    key = _digest(base_key, views, options.seed, product_digests)
     products = cache.features("products", viewed(product_bytes, augment.shop, 2), key)
     anchors = anchors.reshape(len(anchor_bytes), views, *anchors.shape[1:])
     products = products.reshape(len(product_bytes), views, *products.shape[1:])
+    photos = products[:0]
+    if n_self:
+        # The view kind is in the key. Every view is augmented: its partner, a shop view, may be the plain image.
+        photo_key = _digest(base_key, "photo", views, options.seed, product_digests)
+        photos = cache.features("photos", viewed(product_bytes, augment.photo, 3, plain=False), photo_key)
+        photos = photos.reshape(len(product_bytes), views, *photos.shape[1:])
     held_bytes = [p.read_bytes() for p in held.anchors]
     gallery_bytes = [thumb(pid) for pid in held.gallery]
     held_queries = cache.features(
@@ -308,14 +330,22 @@ def train(
         epoch_started = time.perf_counter()
         rng = np.random.default_rng((options.seed, epoch))
         torch.manual_seed(options.seed * 1000 + epoch)
-        batches = _batches(rng.permutation(len(anchor_bytes)), positive_of, options.batch_size)
+        # Items 0..n-1 are the street pairs, n.. the epoch's self pairs (a product each): one index space,
+        # so a batch never holds one product twice, whichever kind of pair brings it.
+        items_product = np.concatenate([positive_of, _self_pair_products(rng, len(product_bytes), n_self)])
+        batches = _batches(rng.permutation(len(items_product)), items_product, options.batch_size)
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{options.epochs}", disable=not progress, leave=False)
         for batch in bar:
             a_view = rng.integers(0, views, len(batch))
             p_view = rng.integers(0, views, len(batch))
-            xa = torch.from_numpy(anchors[batch, a_view].astype(np.float32))
-            xp = torch.from_numpy(products[positive_of[batch], p_view].astype(np.float32))
+            street = batch < n_street
+            xa = np.empty((len(batch), *anchors.shape[2:]), np.float32)
+            xa[street] = anchors[batch[street], a_view[street]]
+            if not street.all():
+                xa[~street] = photos[items_product[batch[~street]], a_view[~street]]
+            xa = torch.from_numpy(xa)
+            xp = torch.from_numpy(products[items_product[batch], p_view].astype(np.float32))
             za, zp = network.rest(xa), network.rest(xp)
             logits = logit_scale.exp().clamp(max=100) * za @ zp.T
             target = torch.arange(len(batch))
@@ -411,6 +441,21 @@ def train(
 
 def _describe(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k.replace('recall', 'R')} {v:.3f}" for k, v in metrics.items())
+
+
+def _self_pair_count(street_pairs: int, share: float) -> int:
+    """Self pairs per epoch so that they are ``share`` of the epoch's pairs."""
+    if not 0 <= share < 1:
+        raise ValueError(f"self_pairs is a share of the pairs, from 0 to below 1 (got {share})")
+    return round(street_pairs * share / (1 - share))
+
+
+def _self_pair_products(rng: np.random.Generator, products: int, count: int) -> np.ndarray:
+    """``count`` product indices, every product once before any comes again, in random order."""
+    if count == 0 or products == 0:
+        return np.empty(0, dtype=np.int64)
+    rounds = -(-count // products)
+    return np.concatenate([rng.permutation(products) for _ in range(rounds)])[:count].astype(np.int64)
 
 
 def _batches(order: np.ndarray, positive_of: np.ndarray, size: int) -> list[np.ndarray]:

@@ -1,5 +1,6 @@
 """`lookstream train`: fine-tuning on mined pairs, deterministic, resumable, loadable by the encoder plugin."""
 
+import dataclasses
 import json
 import shutil
 
@@ -12,8 +13,9 @@ from indexer.cli import main
 from indexer.config import PairSettings
 from indexer.store.thumbnails import store_thumbnails
 from indexer.streetset import build_street_set, split_events
+from indexer.training import augment
 from indexer.training.pairs import PairMiner
-from indexer.training.trainer import TrainOptions, retrieval_metrics, train
+from indexer.training.trainer import TrainOptions, _batches, _self_pair_products, retrieval_metrics, train
 from plugins.manager import build_plugin_manager, registry
 from plugins.models import ModelContext
 from tests.unit.test_pairs import street_node
@@ -72,11 +74,59 @@ def test_training_is_deterministic_resumable_and_loads_as_an_encoder(mined, tmp_
     assert encoder.version.startswith("efficientnet-lite0-")
 
 
-def test_train_command_unfreezes_the_last_blocks_and_versions_its_output(mined):
+def test_photo_views_are_a_function_of_image_and_seed():
+    image = Image.effect_mandelbrot((96, 128), (-2, -1.5, 1, 1.5), 60).convert("RGB")
+    first, again, other = augment.photo(image, 7), augment.photo(image, 7), augment.photo(image, 8)
+    assert first.tobytes() == again.tobytes() and first.size == again.size
+    assert first.tobytes() != other.tobytes() and first.tobytes() != image.tobytes()
+
+
+def test_self_pairs_share_batches_with_street_pairs_and_never_repeat_a_product_in_one():
+    rng = np.random.default_rng(0)
+    street = np.array([0, 0, 1, 2, 3, 3, 4])  # product of each street pair
+    products = _self_pair_products(rng, 5, 12)
+    assert sorted(products[:5]) == [0, 1, 2, 3, 4] and sorted(products[5:10]) == [0, 1, 2, 3, 4]
+    items = np.concatenate([street, products])
+    batches = _batches(rng.permutation(len(items)), items, 4)
+    assert sorted(np.concatenate(batches)) == list(range(len(items)))
+    assert all(len(set(items[b])) == len(b) for b in batches)
+    assert any((b < len(street)).any() and (b >= len(street)).any() for b in batches)
+
+
+def test_self_pairs_are_cached_deterministically_and_train_deterministically(mined, tmp_path):
+    options = TrainOptions(epochs=2, batch_size=8, views=2, heldout=0.3, self_pairs=0.5)
+    cache = mined / "training" / "cache"
+    lines: list[str] = []
+    first = train(mined, options, out=tmp_path / "a", progress=False, echo=lines.append)
+    assert any("self pairs per epoch" in line for line in lines)
+    (photos,) = cache.glob("photos-*.npy")  # a view kind of its own, under its own key
+    views = np.load(photos)
+    assert len(views) == 2 * json.loads((first.path / "manifest.json").read_text())["data"]["train_products"]
+    assert not any(np.array_equal(views, np.load(p)) for p in cache.glob("products-*.npy"))
+
+    others = {p: p.stat().st_mtime_ns for p in cache.glob("*.npy") if p != photos}
+    photos.unlink()  # built again from the same images and seed: the same views
+    shutil.rmtree(mined / "training" / "runs")  # and trained again from scratch: the same weights
+    again = train(mined, options, out=tmp_path / "b", progress=False, echo=lambda _: None)
+    assert np.array_equal(np.load(photos), views)
+    assert {p: p.stat().st_mtime_ns for p in others} == others  # the other kinds came from the cache
+    assert json.loads((first.path / "config.json").read_text()) == json.loads((again.path / "config.json").read_text())
+    manifest = json.loads((again.path / "manifest.json").read_text())
+    assert manifest["options"]["self_pairs"] == 0.5
+    assert first.metrics["epochs"][0]["images"] > 2 * manifest["data"]["train_pairs"]  # street and self pairs
+
+    without = dataclasses.replace(options, self_pairs=0.0)
+    plain = train(mined, without, out=tmp_path / "c", progress=False, echo=lambda _: None)
+    version = json.loads((first.path / "config.json").read_text())["version"]
+    assert json.loads((plain.path / "config.json").read_text())["version"] != version
+
+
+def test_train_command_unfreezes_the_last_blocks_with_self_pairs_and_versions_its_output(mined):
     args = ["train", "--data-dir", str(mined), "--epochs", "1", "--views", "1", "--batch-size", "8", "--no-progress"]
-    result = CliRunner().invoke(main, [*args, "--unfreeze", "1", "--dim", "32"])
+    result = CliRunner().invoke(main, [*args, "--unfreeze", "1", "--dim", "32", "--self-pairs", "0.5"])
     assert result.exit_code == 0, result.output
     assert "held-out R@1" in result.output and "base encoder, held-out" in result.output
+    assert "self pairs per epoch" in result.output
     written = sorted((mined / "trained").iterdir())
     assert [p.name for p in written][-1].startswith("efficientnet-lite0-ft-v")
     config = json.loads((written[-1] / "config.json").read_text())
