@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import urllib.request
 from pathlib import Path
 
 import click
@@ -437,7 +438,6 @@ def evaluate_command(config_path, set_dir, encoders, photos, output) -> None:
 @click.option("--category", help="Only this category.")
 def search_command(image: Path, url: str, k: int, collection: str, category: str | None) -> None:
     """Search a running node with a photo; print the hits per detected item and for the whole image."""
-    import json
     import mimetypes
     import urllib.error
     import urllib.parse
@@ -450,13 +450,7 @@ def search_command(image: Path, url: str, k: int, collection: str, category: str
         data=image.read_bytes(),
         headers={"Content-Type": content_type},
     )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        raise click.ClickException(f"{e.code}: {json.loads(e.read()).get('error', e.reason)}") from e
-    except urllib.error.URLError as e:
-        raise click.ClickException(f"cannot reach {url}: {e.reason}") from e
+    body = _request_json(request, url, timeout=60)
     groups = [
         (f"item {i + 1}: {item['label'] or item['category']} {item['box']}", item["hits"])
         for i, item in enumerate(body["items"])
@@ -587,11 +581,23 @@ def _swap(url: str, token: str | None, settings: Settings, path: Path) -> None:
         data=json.dumps({"encoder": "finetuned", "options": options}).encode(),
         headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
     )
+    body = _request_json(request, url, timeout=600, refused="swap refused, ")
+    click.echo(f"generation {body.get('generation')} started on {url}: {body.get('state') or body.get('note')}")
+
+
+def _request_json(request: urllib.request.Request, url: str, timeout: float, refused: str = "") -> dict:
+    """The JSON answer to ``request``; an HTTP error or an unreachable ``url`` as a ClickException saying which."""
+    import contextlib
+    import json
+    import urllib.error
+
     try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            body = json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
     except urllib.error.HTTPError as e:
-        raise click.ClickException(f"swap refused, {e.code}: {e.read().decode(errors='replace')}") from e
+        text = e.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):  # a JSON error body says what in "error"
+            text = json.loads(text).get("error", text)
+        raise click.ClickException(f"{refused}{e.code}: {text}") from e
     except urllib.error.URLError as e:
         raise click.ClickException(f"cannot reach {url}: {e.reason}") from e
-    click.echo(f"generation {body.get('generation')} started on {url}: {body.get('state') or body.get('note')}")

@@ -140,6 +140,25 @@ async def test_the_app_reports_a_consumer_that_gave_up_and_stops(fake_kafka, aio
     assert response.status == 503 and reasons[0] in (await response.json())["reasons"]
 
 
+class PausableClient:
+    """The part of a KafkaConsumer that holding back uses: its assignment, and pausing partitions."""
+
+    def __init__(self, partitions: set) -> None:
+        self.partitions, self.held = partitions, set()
+
+    def assignment(self):
+        return set(self.partitions)
+
+    def paused(self):
+        return set(self.held)
+
+    def pause(self, *partitions):
+        self.held |= set(partitions)
+
+    def resume(self, *partitions):
+        self.held -= set(partitions)
+
+
 def test_fetching_pauses_while_a_rebuild_lags_far_behind_and_resumes_once_it_is_in(monkeypatch):
     """A bulk load outruns the builder: the consumer holds back instead of letting exact search grow."""
     from indexer.config import ShardSettings
@@ -155,23 +174,7 @@ def test_fetching_pauses_while_a_rebuild_lags_far_behind_and_resumes_once_it_is_
     shards = ShardSet(16, settings)
     consumer = IndexingConsumer(KafkaSettings(), pipeline=None, shards=shards, stats=IngestStats())
 
-    class Client:
-        def __init__(self) -> None:
-            self.partitions, self.held = {("products", 0), ("posts", 0)}, set()
-
-        def assignment(self):
-            return set(self.partitions)
-
-        def paused(self):
-            return set(self.held)
-
-        def pause(self, *partitions):
-            self.held |= set(partitions)
-
-        def resume(self, *partitions):
-            self.held -= set(partitions)
-
-    client = Client()
+    client = PausableClient({("products", 0), ("posts", 0)})
     fill(shards, unit_vectors(120), batch=120)  # sealing starts, and waits
     fill(shards, unit_vectors(60, seed=1), start=120, batch=60)  # 180 unsealed rows: under 2 x 100
     consumer._hold_back_while_backlogged(client)
@@ -194,23 +197,7 @@ def test_a_replica_catching_up_does_not_hold_back_and_holds_back_once_ready(monk
     monkeypatch.setattr(shards, "backlogged", lambda: True)
     replica = ReplicaConsumer(KafkaSettings(), "records", None, shards, IngestStats(), ready_max_lag=1000)
 
-    class Client:
-        def __init__(self) -> None:
-            self.held: set = set()
-
-        def assignment(self):
-            return {("records", 0)}
-
-        def paused(self):
-            return set(self.held)
-
-        def pause(self, *partitions):
-            self.held |= set(partitions)
-
-        def resume(self, *partitions):
-            self.held -= set(partitions)
-
-    client = Client()
+    client = PausableClient({("records", 0)})
     replica.lag = {("records", 0): 50_000}
     replica._hold_back_while_backlogged(client)
     assert client.held == set()
