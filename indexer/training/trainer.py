@@ -129,12 +129,20 @@ def retrieval_metrics(queries: np.ndarray, gallery: np.ndarray, relevant: np.nda
 
 
 class FeatureCache:
-    """The frozen part's output for every view of every image, computed once and kept on disk."""
+    """The frozen part's output for every view of every image, computed once and kept on disk.
+
+    A file's name covers the runtime and its thread count besides the caller's
+    key: ONNX Runtime's results move in the last bits with the number of threads
+    that summed them, and a run is deterministic only on the same features.
+    """
 
     def __init__(self, root: Path, network, threads: int | None, progress: bool) -> None:
+        from plugins.builtin import onnx_runtime
+
         self.root = root
         self.network = network
-        self.threads = threads
+        self.threads = threads or os.cpu_count() or 1
+        self.runtime = "onnxruntime" if onnx_runtime.available() else "torch"
         self.progress = progress
         self._stem: Callable[[np.ndarray], np.ndarray] | None = None
         self.seconds = 0.0
@@ -157,8 +165,7 @@ class FeatureCache:
                 def forward(self, pixels):
                     return self.network.stem(pixels)
 
-            runtime = "onnxruntime" if onnx_runtime.available() else "torch"
-            context = ModelContext("cpu", self.threads, runtime=runtime, cache_dir=self.root)
+            context = ModelContext("cpu", self.threads, runtime=self.runtime, cache_dir=self.root)
             self._stem = onnx_runtime.runner(
                 Stem().eval(), (1, *INPUT_SIZE, 3), f"train-stem-cut{network.cut}", context, input_dtype="uint8"
             )
@@ -166,7 +173,7 @@ class FeatureCache:
 
     def features(self, name: str, images: list[Callable[[], Image.Image]], key: str) -> np.ndarray:
         """float16 array (len(images), ...) of the stem's output, from the cache when ``key`` matches."""
-        path = self.root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+        path = self.root / f"{name}-{_digest(key, self.runtime, self.threads)[:16]}.npy"
         if path.exists():
             return np.load(path)
         from tqdm import tqdm

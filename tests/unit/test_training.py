@@ -15,7 +15,7 @@ from indexer.store.thumbnails import store_thumbnails
 from indexer.streetset import build_street_set, split_events
 from indexer.training import augment
 from indexer.training.pairs import PairMiner
-from indexer.training.trainer import TrainOptions, _batches, _self_pair_products, retrieval_metrics, train
+from indexer.training.trainer import FeatureCache, TrainOptions, _batches, _self_pair_products, retrieval_metrics, train
 from plugins.manager import build_plugin_manager, registry
 from plugins.models import ModelContext
 from tests.unit.test_pairs import street_node
@@ -72,6 +72,20 @@ def test_training_is_deterministic_resumable_and_loads_as_an_encoder(mined, tmp_
     vectors = encoder.encode([Image.new("RGB", (50, 80), "red"), Image.new("RGB", (90, 60), "blue")])
     assert vectors.shape == (2, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert encoder.version.startswith("efficientnet-lite0-")
+
+
+def test_cached_features_are_kept_per_runtime_thread_count(tmp_path):
+    """ONNX Runtime's sums move with its thread count: features of another count are computed, not reused."""
+    from plugins.builtin.finetuned import build_network
+
+    network = build_network("efficientnet-lite0", 16, 0)
+    images = [lambda: Image.new("RGB", (64, 48), (200, 30, 30))] * 2
+    one = FeatureCache(tmp_path, network, 1, progress=False)
+    first = one.features("products", images, "key")
+    assert np.array_equal(one.features("products", images, "key"), first) and one.images == 2  # from the file
+    two = FeatureCache(tmp_path, network, 2, progress=False)
+    two.features("products", images, "key")
+    assert two.images == 2 and len(list(tmp_path.glob("products-*.npy"))) == 2
 
 
 def test_photo_views_are_a_function_of_image_and_seed():
