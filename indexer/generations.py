@@ -151,7 +151,7 @@ class Generation:
         generation.replica = replica
         if durable:
             if settings.pairs.enabled:
-                pipeline.observer = pairs.miner(settings.data_dir / "pairs", settings.pairs).observe
+                pipeline.observer = pairs.miner(settings.data_dir / "pairs", settings.pairs)
             root = settings.data_dir / "checkpoints" / generation.id
             generation.checkpointer = Checkpointer(root, ident, s.checkpoint_interval_s)
             restored = load_latest(root, ident, s, backend, generation.skipped_checkpoints)

@@ -32,10 +32,10 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -63,6 +63,16 @@ class Rejected:
 
 
 Outcome = Upsert | Delete | Rejected
+
+
+class EventObserver(Protocol):
+    """What sees the pipeline's events besides the index (the pair miner)."""
+
+    def observe(self, event: Event, decoded: Decoded, upsert: Upsert) -> None:
+        """An upsert was analysed: its decoded image and what the models found."""
+
+    def deleted(self, event: Event) -> None:
+        """A delete passed through."""
 
 
 class ModelOutputError(RuntimeError):
@@ -96,9 +106,9 @@ class Pipeline:
         self.batch_size = batch_size
         self.model_attempts = model_attempts
         self.sources = sources or ImageSources(images)
-        #: Called with (event, decoded image, upsert) for each event analysed, e.g. to mine training pairs
-        #: (indexer/training/pairs.py). A failure there is logged and never fails the event.
-        self.observer: Callable[[Event, Decoded, Upsert], None] | None = None
+        #: Told of each event analysed and each delete, e.g. to mine training pairs (indexer/training/pairs.py).
+        #: A failure there is logged and never fails the event.
+        self.observer: EventObserver | None = None
         #: Prepares the next group of a batch (read, decode, thumbnail) while the models run on this one.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="lookstream-prepare")
 
@@ -112,6 +122,7 @@ class Pipeline:
         for i, event in enumerate(events):
             if event.is_delete:
                 outcomes[i] = Delete(event.collection, event.id, event.ts)
+                self._observe(event)
             else:
                 upserts.append(i)
         groups = [upserts[start : start + self.batch_size] for start in range(0, len(upserts), self.batch_size)]
@@ -180,11 +191,14 @@ class Pipeline:
                     outcomes[i] = Upsert(event.collection, event.id, event.ts, event.attrs, tuple(result), thumbnail)
                     self._observe(event, image, outcomes[i])
 
-    def _observe(self, event: Event, image: Decoded, upsert: Upsert) -> None:
+    def _observe(self, event: Event, image: Decoded | None = None, upsert: Upsert | None = None) -> None:
         if self.observer is None:
             return
         try:
-            self.observer(event, image, upsert)
+            if upsert is None:
+                self.observer.deleted(event)
+            else:
+                self.observer.observe(event, image, upsert)
         except Exception as e:
             if is_transient(e):
                 raise

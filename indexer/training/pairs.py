@@ -11,10 +11,16 @@ event (the pipeline's ``observer``):
   named products are recorded beside it.
 
 Everything goes into ``data_dir/pairs/``: ``anchors/<digest>.jpg`` and an
-append-only ``manifest.jsonl`` (one line per product or post version). A post
-re-sent with the same ``ts`` (a replay, a new generation) is skipped, so the
-dataset is de-duplicated; a newer version of a post replaces the older one.
-Past ``pairs.max_anchors`` crops, posts are counted and not stored.
+append-only ``manifest.jsonl`` (one line per product or post version, and
+per delete). A post re-sent with the same ``ts`` (a replay, a new generation)
+is skipped, so the dataset is de-duplicated. A newer version of a post
+replaces the older one, and a delete (``post.delete``, ``product.delete``)
+ends a record: the crops of the version it replaces are removed from disk
+(a user who deletes a post takes its photo out of the training data too), and
+a version older than one already recorded is not stored. Files no current
+version names (a crash between the manifest and the removal) are removed when
+a miner opens the dataset. Past ``pairs.max_anchors`` crops, posts are
+counted and not stored.
 
 Pairs are resolved when read (:func:`resolve`), since a post may arrive before
 the products it names: a garment of category C pairs with the one named
@@ -68,19 +74,24 @@ def named_products(attrs: dict[str, Any]) -> list[str]:
 
 
 class PairMiner:
-    """Writes the pairs dataset as events are analysed; safe to share between generations (threads)."""
+    """Writes the pairs dataset as events are analysed or deleted; safe to share between generations (threads)."""
 
     def __init__(self, root: Path, settings: PairSettings) -> None:
         self.root = root
         self.settings = settings
         self._lock = threading.Lock()
-        self._seen: set[tuple[str, str, int]] = set()  # (type, id, ts) already in the manifest
+        self._seen: set[tuple[str, str, int, bool]] = set()  # (type, id, ts, deleted) already in the manifest
+        self._newest: dict[tuple[str, str], int] = {}  # (type, id) -> ts of its last line
+        self._files: dict[str, list[str]] = {}  # post id -> the crops of its current version
         self.anchors = 0
         self.dropped_full = 0
         (root / "anchors").mkdir(parents=True, exist_ok=True)
         for line in read_manifest(root):
-            self._seen.add((line["type"], line["id"], line["ts"]))
-            self.anchors += len(line.get("anchors", ()))
+            self._record(line)
+        named = {name for files in self._files.values() for name in files}
+        for path in (root / "anchors").iterdir():
+            if path.name not in named:  # superseded or deleted, left by a crash before its removal
+                path.unlink(missing_ok=True)
 
     def observe(self, event: Event, decoded: Decoded, upsert: Upsert) -> None:
         """Record a product's category, or a naming post's garment crops (called by the pipeline)."""
@@ -88,6 +99,14 @@ class PairMiner:
             self._product(event, upsert)
         elif named_products(event.attrs):
             self._post(event, decoded, upsert)
+
+    def deleted(self, event: Event) -> None:
+        """A product or post was deleted: its pairs end, and a post's crops are removed (called by the pipeline)."""
+        kind = "product" if event.collection == "products" else "post"
+        with self._lock:
+            if (kind, event.id) not in self._newest:
+                return  # never mined: nothing to end
+        self._append({"type": kind, "id": event.id, "ts": event.ts, "deleted": True})
 
     def _product(self, event: Event, upsert: Upsert) -> None:
         if not upsert.items:
@@ -97,9 +116,8 @@ class PairMiner:
             self._append({"type": "product", "id": event.id, "ts": event.ts, "category": category})
 
     def _post(self, event: Event, decoded: Decoded, upsert: Upsert) -> None:
-        key = ("post", event.id, event.ts)
         with self._lock:
-            if key in self._seen:
+            if not self._current(("post", event.id, event.ts, False)):
                 return
             if self.anchors + len(upsert.items) > self.settings.max_anchors:
                 self.dropped_full += 1
@@ -128,15 +146,40 @@ class PairMiner:
         line = {"type": "post", "id": event.id, "ts": event.ts, "products": named_products(event.attrs)}
         self._append({**line, "anchors": anchors})
 
+    def _current(self, key: tuple[str, str, int, bool]) -> bool:
+        """Whether a line with this key would be new and not older than the record's last line."""
+        kind, record_id, ts, _ = key
+        return key not in self._seen and ts >= self._newest.get((kind, record_id), ts)
+
     def _append(self, line: dict[str, Any]) -> None:
-        key = (line["type"], line["id"], line["ts"])
         with self._lock:
-            if key in self._seen:
+            if not self._current(_key(line)):
                 return
             with open(self.root / MANIFEST, "a") as f:
                 f.write(json.dumps(line, separators=(",", ":")) + "\n")
-            self._seen.add(key)
-            self.anchors += len(line.get("anchors", ()))
+            replaced = self._record(line)
+        for name in replaced:
+            (self.root / "anchors" / name).unlink(missing_ok=True)
+
+    def _record(self, line: dict[str, Any]) -> list[str]:
+        """Take a manifest line into the miner's state; the crop files of the post version it replaces."""
+        key = _key(line)
+        kind, record_id, ts, deleted = key
+        self._seen.add(key)
+        if ts < self._newest.get((kind, record_id), ts):
+            return []  # an older version, written before versions were ordered: never current
+        self._newest[(kind, record_id)] = ts
+        if kind != "post":
+            return []
+        replaced = self._files.pop(record_id, [])
+        if not deleted:
+            self._files[record_id] = [a["file"] for a in line["anchors"]]
+        self.anchors += len(self._files.get(record_id, ())) - len(replaced)
+        return replaced
+
+
+def _key(line: dict[str, Any]) -> tuple[str, str, int, bool]:
+    return line["type"], line["id"], line["ts"], bool(line.get("deleted"))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -177,13 +220,14 @@ def resolve(root: Path) -> Dataset:
     """The pairs of the dataset at ``root``: the newest version of each record, garments matched by category."""
     products: dict[str, tuple[int, str]] = {}
     posts: dict[str, dict[str, Any]] = {}
-    for line in read_manifest(root):
+    for line in read_manifest(root):  # a record's last line wins (a later line wins a tie), a delete too
         if line["type"] == "product":
             if line["id"] not in products or products[line["id"]][0] <= line["ts"]:
-                products[line["id"]] = (line["ts"], line["category"])
+                products[line["id"]] = (line["ts"], None if line.get("deleted") else line["category"])
         elif line["type"] == "post" and (line["id"] not in posts or posts[line["id"]]["ts"] <= line["ts"]):
             posts[line["id"]] = line
-    categories = {pid: category for pid, (_, category) in products.items()}
+    posts = {pid: post for pid, post in posts.items() if not post.get("deleted")}
+    categories = {pid: category for pid, (_, category) in products.items() if category is not None}
     pairs: list[Pair] = []
     dropped: Counter = Counter()
     for post_id, post in sorted(posts.items()):

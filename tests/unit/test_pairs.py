@@ -43,7 +43,7 @@ def test_posts_naming_products_become_pairs_of_the_same_category(default_models,
     root = build_street_set(tmp_path / "set", products=9, heldout=3, posts_per_product=1.0)
     node = street_node(default_models, tmp_path)
     miner = PairMiner(tmp_path / "pairs", PairSettings())
-    node.active.pipeline.observer = miner.observe
+    node.active.pipeline.observer = miner
     products, posts = split_events(root / "train")
     run(node, posts[:2])  # posts may arrive before the products they name
     run(node, products)
@@ -64,7 +64,7 @@ def test_posts_naming_products_become_pairs_of_the_same_category(default_models,
 def test_ambiguous_garments_and_unknown_products_are_dropped(default_models, tmp_path):
     node = street_node(default_models, tmp_path)
     miner = PairMiner(tmp_path / "pairs", PairSettings(max_anchors=6))
-    node.active.pipeline.observer = miner.observe
+    node.active.pipeline.observer = miner
     image = encoded(product_image(1, (240, 320)))
 
     def product(pid, category):
@@ -87,7 +87,7 @@ def test_ambiguous_garments_and_unknown_products_are_dropped(default_models, tmp
     assert dataset.dropped == {"ambiguous": 1, "no-named-product-of-category": 1, "unknown-product": 3}
     assert miner.dropped_full == 1 and dataset.posts == 2
     # a newer version of a post replaces the older one (a miner restarted on the dataset, with room for it)
-    node.active.pipeline.observer = PairMiner(tmp_path / "pairs", PairSettings()).observe
+    node.active.pipeline.observer = PairMiner(tmp_path / "pairs", PairSettings())
     run(node, [Event("post.upsert", "two-tops", 2, image=image, attrs={"products": ["t1"]})])
     assert [(p.post_id, p.product_id) for p in resolve(tmp_path / "pairs").pairs] == [("two-tops", "t1")]
     node.close()
@@ -96,7 +96,7 @@ def test_ambiguous_garments_and_unknown_products_are_dropped(default_models, tmp
 def test_pairs_command_counts_per_category(default_models, tmp_path):
     root = build_street_set(tmp_path / "set", products=6, heldout=3, posts_per_product=1.0)
     node = street_node(default_models, tmp_path)
-    node.active.pipeline.observer = PairMiner(tmp_path / "data" / "pairs", PairSettings()).observe
+    node.active.pipeline.observer = PairMiner(tmp_path / "data" / "pairs", PairSettings())
     products, posts = split_events(root / "train")
     run(node, products + posts)
     result = CliRunner().invoke(main, ["pairs", "--data-dir", str(tmp_path / "data")])
@@ -105,4 +105,43 @@ def test_pairs_command_counts_per_category(default_models, tmp_path):
     assert lines[0].split() == ["category", "pairs", "products", "posts"]
     assert {line.split()[0] for line in lines[1:4]} == {"bag", "bottom", "top"}
     assert "no-named-product-of-category" in result.output
+    node.close()
+
+
+def test_deletes_end_pairs_and_remove_the_posts_crops(default_models, tmp_path):
+    node = street_node(default_models, tmp_path)
+    root = tmp_path / "pairs"
+    node.active.pipeline.observer = PairMiner(root, PairSettings())
+    image = encoded(product_image(1, (240, 320)))
+
+    def pairs():
+        return sorted((p.post_id, p.product_id) for p in resolve(root).pairs)
+
+    def crops():
+        return {p.name for p in (root / "anchors").iterdir()}
+
+    products = [
+        Event("product.upsert", pid, 1, image=encoded(product_image(n)), attrs={"category": "bottom"})
+        for n, pid in enumerate(("b1", "b2"))
+    ]
+    run(node, products)
+    run(node, [Event("post.upsert", f"s{n}", 1, image=image, attrs={"products": ["b1"]}) for n in range(3)])
+    assert pairs() == [("s0", "b1"), ("s1", "b1"), ("s2", "b1")] and len(crops()) == 9
+    first = crops()
+
+    run(node, [Event("post.upsert", "s0", 2, image=image, attrs={"products": ["b2"]})])  # a new version
+    assert pairs() == [("s0", "b2"), ("s1", "b1"), ("s2", "b1")] and len(crops()) == 9 and crops() != first
+    run(node, [Event("post.delete", "s1", 3)])
+    assert pairs() == [("s0", "b2"), ("s2", "b1")] and len(crops()) == 6
+    run(node, [Event("post.upsert", "s1", 1, image=image, attrs={"products": ["b1"]})])  # a replay: stays deleted
+    assert pairs() == [("s0", "b2"), ("s2", "b1")] and len(crops()) == 6
+    run(node, [Event("product.delete", "b1", 2)])
+    assert pairs() == [("s0", "b2")]  # s2's crops stay: a product named later under that id would pair again
+
+    (root / "anchors" / "left-by-a-crash.jpg").write_bytes(b"")
+    reopened = PairMiner(root, PairSettings())
+    assert reopened.anchors == 6 and len(crops()) == 6
+    node.active.pipeline.observer = reopened
+    run(node, [Event("post.upsert", "s1", 4, image=image, attrs={"products": ["b2"]})])  # newer than its delete
+    assert pairs() == [("s0", "b2"), ("s1", "b2")] and reopened.anchors == 9
     node.close()

@@ -27,7 +27,7 @@ def mined(tmp_path_factory, default_models):
     tmp = tmp_path_factory.mktemp("mined")
     root = build_street_set(tmp / "set", products=30, heldout=3, posts_per_product=1.0)
     node = street_node(default_models, tmp)
-    node.active.pipeline.observer = PairMiner(tmp / "data" / "pairs", PairSettings()).observe
+    node.active.pipeline.observer = PairMiner(tmp / "data" / "pairs", PairSettings())
     products, posts = split_events(root / "train")
     for events in (products, posts):
         outcomes = node.active.pipeline.process(events)
