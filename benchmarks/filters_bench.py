@@ -191,21 +191,27 @@ def measure(n: int, dim: int, codec: str, queries_n: int, queue) -> None:
     queue.put(out)
 
 
-def bulk_load(n: int, dim: int, batch: int = 2000) -> dict:
+def bulk_load(n: int, dim: int, batch: int = 2000, switch_interval_ms: float | None = None) -> dict:
     """Query latency while n rows arrive as fast as the store takes them, after, and once settled.
 
     The loader holds back while ``ShardSet.backlogged()`` is true, as the
     consumer does (consumers/indexing.py); one thread queries all the while.
-    Goal (issue: ten million records): p99 during and after the load within
-    2x the settled p99.
+    The process is set up as a serving node's is (indexer/interpreter.py), with
+    ``switch_interval_ms`` (default: the node's). Goal (issue: ten million
+    records): p99 during and after the load within 2x the settled p99.
     """
     import threading
 
+    from indexer.config import ApiSettings
+    from indexer.interpreter import serve_from_this_process
     from indexer.store.shards import one_openmp_thread
 
     base = embeddings(n, dim, seed=1)
     queries = embeddings(200, dim, seed=2)
     prices, brands = attributes(n)
+    if switch_interval_ms is None:
+        switch_interval_ms = ApiSettings().switch_interval_ms
+    serve_from_this_process(switch_interval_ms)
     shards = ShardSet(dim, ShardSettings())
     phase = {"name": "during"}
     samples: dict[str, list[float]] = {"during": [], "after": [], "settled": []}
@@ -246,6 +252,7 @@ def bulk_load(n: int, dim: int, batch: int = 2000) -> dict:
     out = {
         "n": n,
         "dim": dim,
+        "switch_interval_ms": switch_interval_ms,
         "load_s": round(loaded_s, 1),
         "held_s": round(held_s, 1),
         "settled_s": round(settled_s, 1),
@@ -334,10 +341,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--restart-only", type=int, metavar="N", help="only the restart of N rows (x 128)")
     parser.add_argument("--bulk-load", type=int, metavar="N", help="only query latency during a load of N rows")
+    parser.add_argument("--switch-interval-ms", type=float, help="with --bulk-load (default: the node's)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.restart_only or args.bulk_load:
-        out = restart_only(args.restart_only, 128) if args.restart_only else bulk_load(args.bulk_load, 128)
+        out = (
+            restart_only(args.restart_only, 128)
+            if args.restart_only
+            else bulk_load(args.bulk_load, 128, switch_interval_ms=args.switch_interval_ms)
+        )
         print(out)
         if args.output:
             args.output.write_text(json.dumps(out, indent=2) + "\n")

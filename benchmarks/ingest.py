@@ -16,6 +16,8 @@
 * image query: ``POST /search`` with one 256x256 JPEG of a product not indexed,
   one at a time from a client in another process, over the indexed records
   (decode, the same models, search): p50 and p99.
+
+The process is set up as ``lookstream up`` sets a node's (indexer/interpreter.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from benchmarks.shards_bench import percentiles
 from indexer.config import Settings
 from indexer.events import Event, encode_event, now_ms
 from indexer.images import decode_image
+from indexer.interpreter import serve_from_this_process
 from indexer.kafka.broker import LocalBroker
 from indexer.kafka.topics import ensure_topics
 from indexer.node import build_node
@@ -104,6 +107,7 @@ def main() -> None:
         )
         ensure_topics(settings.kafka)
         node = build_node(settings, durable=True)
+        serve_from_this_process(settings.api.switch_interval_ms)
         bare_before = bare_rate(node, data)
         print(f"bare models: {bare_before:.1f} images/s", flush=True)
         node.observe_freshness(lambda seconds, phase: freshness.append((time.time(), seconds)))
@@ -178,6 +182,7 @@ def main() -> None:
             "batch_size": settings.models.batch_size,
             "runtime": resolve_runtime(settings.models.runtime, resolve_device(settings.models.device)),
         },
+        "switch_interval_ms": settings.api.switch_interval_ms,
         "bare_images_per_s": round(bare, 1),
         "bare_before_and_after": [round(bare_before, 1), round(bare_after, 1)],
         "end_to_end_events_per_s": round(end_to_end, 1),

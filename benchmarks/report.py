@@ -60,6 +60,16 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def _interpreter(bulk: dict) -> str:
+    """How the bulk load's process was set up (indexer/interpreter.py), for runs that record it."""
+    if "switch_interval_ms" not in bulk:
+        return ""
+    return (
+        "The process is set up as a serving node's (indexer/interpreter.py): start-up objects frozen out of\n"
+        f"garbage collection, GIL switch interval {bulk['switch_interval_ms']} ms. "
+    )
+
+
 def _ms(p: dict) -> str:
     return f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f} ms"
 
@@ -407,14 +417,14 @@ vectors; metadata: the store's columns and blobs per row, filter columns include
             ratio = bulk.get(f"p99_ratio_{phase}")
             if ratio is not None:
                 page.goal(f"query p99 {phase} a bulk load of {bulk['n']:,} rows ≤ 2x settled", f"{ratio}x", ratio <= 2)
+        after = _ms(bulk["after"]) if "p99_ms" in bulk["after"] else "(no query)"
         page.add(
             f"""
 Bulk load (`filters_bench --bulk-load {bulk["n"]}`): {bulk["n"]:,} x {bulk["dim"]} rows applied as fast as the store
 takes them, holding back while `ShardSet.backlogged()` as the consumer does, one thread querying all the while.
-Loaded in {bulk["load_s"]} s, of which {bulk["held_s"]} s held back waiting for flushes; settled (every merge
-done, the idle shard merged into one index) at {bulk["settled_s"]} s. Query p50 / p99 during the load
-{_ms(bulk["during"])}, after it until settled {_ms(bulk["after"]) if "p99_ms" in bulk["after"] else "(no query)"},
-settled {_ms(bulk["settled"])}."""
+{_interpreter(bulk)}Loaded in {bulk["load_s"]} s, of which {bulk["held_s"]} s held back for flushes and merges;
+settled (every merge done, the idle shard merged into one index) at {bulk["settled_s"]} s. Query p50 / p99
+during the load {_ms(bulk["during"])}, after it until settled {after}, settled {_ms(bulk["settled"])}."""
         )
     restart = _load(page.results, "filters-restart")
     if restart:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from indexer import interpreter
 from indexer.config import LOCAL_BROKER_PORT, Settings
 
 log = logging.getLogger("lookstream")
@@ -88,6 +89,7 @@ def up(config_path, port, host, data_dir, broker_port, bootstrap_servers) -> Non
         except (ModelNotAvailable, UnknownModel, ValueError) as e:
             raise click.ClickException(str(e)) from e
         url = f"http://{settings.api.host}:{settings.api.port}"
+        interpreter.serve_from_this_process(settings.api.switch_interval_ms)
         web.run_app(
             create_app(node, reload_settings=lambda: _settings(config_path, **overrides)),
             host=settings.api.host,
@@ -213,6 +215,7 @@ def serve(config_path, bootstrap_servers, port, host, data_dir, partitions, adve
         ensure_topic(settings.kafka, topic, settings.cluster.records_partitions, _records_topic_configs(settings))
     url = settings.cluster.advertise_url or f"http://{settings.api.host}:{settings.api.port}"
     which = "all partitions" if served is None else f"partitions {','.join(map(str, served))}"
+    interpreter.serve_from_this_process(settings.api.switch_interval_ms)
     web.run_app(
         create_app(node, reload_settings=lambda: _settings(config_path, **overrides), announce_url=url),
         host=settings.api.host,
@@ -250,6 +253,7 @@ def route(config_path, bootstrap_servers, port, host) -> None:
     found = "the membership topic" if settings.cluster.discover else ""
     if settings.cluster.replicas:
         found += (" and " if found else "") + f"{len(settings.cluster.replicas)} listed replicas"
+    interpreter.serve_from_this_process(settings.api.switch_interval_ms)
     web.run_app(
         create_router_app(router, reload_settings=lambda: _settings(config_path, **overrides)),
         host=settings.api.host,

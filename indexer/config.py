@@ -100,6 +100,10 @@ class ApiSettings(BaseModel):
     ready_max_lag: int = Field(1000, ge=0)
     #: Bearer token for /admin/* (snapshot, rebuild, swap); unset disables them. Never logged or shown.
     admin_token: SecretStr | None = None
+    #: How long a thread holding the GIL keeps it once a query's thread wants it back (CPython: 5 ms).
+    #: A query takes the GIL back after each FAISS call; shorter keeps queries quick while ingest runs
+    #: (indexer/interpreter.py). Set by `lookstream up`, `serve` and `route` for their process.
+    switch_interval_ms: float = Field(0.5, gt=0, le=100)
 
 
 class ImageSettings(BaseModel):
@@ -170,6 +174,10 @@ class ShardSettings(BaseModel):
     # more) are merged into one once there are this many: fewer segments to search, and each row
     # rebuilt about log(rows / growing_max_rows) times over its life.
     merge_factor: int = Field(4, ge=2)
+    # While a shard holds this many sealed segments and a merge of them runs, the consumer holds back
+    # too (as Elasticsearch throttles indexing when merges fall behind): a query searches every
+    # segment, so their number bounds its latency during a bulk load (0: never wait).
+    max_sealed_segments: int = Field(6, ge=0)
     # After this many seconds without writes, a shard's sealed segments are merged into one (0: never).
     merge_when_idle_s: float = Field(30.0, ge=0)
     # A sealed segment is rebuilt on its own once this share of its rows is deleted (reclaiming them)...

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from indexer import generations
+from indexer import generations, interpreter
 from indexer.config import ModelSettings, Settings
 from indexer.generations import Generation, Replica
 from indexer.store.thumbnails import ThumbnailStore
@@ -106,6 +106,7 @@ class Node:
             self.retiring = None
         log.info("generation %s retired", old.id)
         old.close()
+        interpreter.freeze_new_long_lived(something_was_released=True)
 
     def switch(self, selection: ModelSettings) -> Generation | None:
         """Start a generation for this model selection; None if it is already active or building.
@@ -127,7 +128,8 @@ class Node:
             if self._ingesting:
                 new.start_consumer(self.settings, self.thumbnails)
             log.info("generation %s started; %s answers until it has caught up", new.id, self.active.id)
-            return new
+        interpreter.freeze_new_long_lived(something_was_released=previous is not None)  # its models live long
+        return new
 
     def flip_if_caught_up(self) -> bool:
         """Make the building generation active once it holds everything the active one does.
@@ -148,15 +150,18 @@ class Node:
                 previous, self.retiring = self.retiring, old
                 self.retire_at = time.monotonic() + self.settings.cluster.retire_after_s
                 self.active, self.building = new, None
+                released = previous is not None
                 if previous is not None:
                     previous.close()
                 _record_active(self.settings, new.selection)
                 log.info("generation %s is active; %s answers routers that ask for it a while", new.id, old.id)
-                return True
-            self.active, self.building = new, None
-            _record_active(self.settings, new.selection)
-            log.info("generation %s is active; %s retired", new.id, old.id)
-            old.close()
+            else:
+                self.active, self.building = new, None
+                _record_active(self.settings, new.selection)
+                log.info("generation %s is active; %s retired", new.id, old.id)
+                old.close()
+                released = True
+        interpreter.freeze_new_long_lived(something_was_released=released)
         return True
 
     def close(self) -> None:

@@ -516,17 +516,23 @@ class ShardSet:
             self._schedule_rebuilds(seq)
 
     def backlogged(self) -> bool:
-        """True while a shard being flushed holds ``growing_hold_factor`` times ``growing_max_rows`` unsealed rows.
+        """True while a shard's builds lag behind its writes: the consumer holds back (consumers/indexing.py).
 
-        The writer cannot seal rows faster than the flusher indexes them; the
-        consumer holds back while this is true (consumers/indexing.py), so the
-        rows searched exactly stay bounded however fast events arrive.
+        Either a shard being flushed holds ``growing_hold_factor`` times
+        ``growing_max_rows`` unsealed rows (the writer cannot seal rows faster
+        than the flusher indexes them), or a shard being merged holds
+        ``max_sealed_segments`` sealed segments (nor add segments faster than
+        the merger combines them). So the rows searched exactly and the
+        segments a query visits stay bounded however fast events arrive.
         """
-        factor = self.settings.growing_hold_factor
-        if not factor:
-            return False
-        bound = factor * self.settings.growing_max_rows
-        return any(s.flush is not None and s.growing.count >= bound for s in list(self._shards.values()))
+        s = self.settings
+        bound = s.growing_hold_factor * s.growing_max_rows
+        for shard in list(self._shards.values()):
+            if s.growing_hold_factor and shard.flush is not None and shard.growing.count >= bound:
+                return True
+            if s.max_sealed_segments and shard.merge is not None and len(shard.sealed) >= s.max_sealed_segments:
+                return True
+        return False
 
     def rebuild_all(self) -> int:
         """Rebuild every shard that is not being rebuilt (admin); return how many were scheduled.

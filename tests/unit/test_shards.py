@@ -440,7 +440,7 @@ def test_writes_made_while_segments_merge_stay_correct_after_the_swap(monkeypatc
         return real_build(segments, *args, **kwargs)
 
     monkeypatch.setattr(shards_module, "build_from_segments", gated_merge)
-    shards = ShardSet(DIM, TIERED)
+    shards = ShardSet(DIM, TIERED.model_copy(update={"max_sealed_segments": 3}))
     data = unit_vectors(700)
     for start in range(0, 300, 100):
         fill(shards, data[start : start + 100], start=start, batch=100)
@@ -452,11 +452,13 @@ def test_writes_made_while_segments_merge_stay_correct_after_the_swap(monkeypatc
         shards.maintain()
         time.sleep(0.02)
     assert shard.merge is not None and len(shard.merge.merges) == 3
+    assert shards.backlogged()  # max_sealed_segments while they merge: the consumer holds back
     shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 50)])  # deletes of rows being merged
     shards.apply([upsert(f"p{i}", [data[600 + i]]) for i in range(50, 60)])  # rewrites of rows being merged
     fill(shards, data[300:400], start=300, batch=100)  # a flush runs while the merge waits
     gate.set()
     shards.wait_for_rebuilds(timeout=60)
+    assert not shards.backlogged()
 
     assert shards.records("products") == 350
     for i in range(0, 50):
