@@ -164,6 +164,17 @@ def test_a_growing_shard_is_sealed_into_an_index_and_still_finds_every_item(poli
     assert found >= 0.95 * 600
 
 
+def assert_deleted_rewritten_and_kept(shards: ShardSet, data, rewritten_at: int, kept_until: int) -> None:
+    """p0-p49 deleted, p50-p59 rewritten to data[rewritten_at + i], p60 up to kept_until found as written."""
+    for i in range(0, 50):
+        assert all(h.id != f"p{i}" for h in shards.search(data[i], 3, "products"))
+    for i in range(50, 60):
+        hit = shards.search(data[rewritten_at + i], 1, "products")[0]
+        assert hit.id == f"p{i}" and hit.score == pytest.approx(1.0, abs=1e-4)
+    for i in range(60, kept_until):
+        assert shards.search(data[i], 1, "products")[0].id == f"p{i}"
+
+
 def test_writes_made_while_a_rebuild_runs_stay_correct_after_the_swap(monkeypatch):
     import indexer.store.shards as shards_module
 
@@ -188,13 +199,7 @@ def test_writes_made_while_a_rebuild_runs_stay_correct_after_the_swap(monkeypatc
     assert shards.rebuilds >= 1 and size["sealed_rows"] == 140  # the 200 rows sealed, less 60 removed meanwhile
 
     assert shards.records("products") == 250 and shards.sizes()[0]["vectors"] == 250
-    for i in range(0, 50):
-        assert all(h.id != f"p{i}" for h in shards.search(data[i], 3, "products"))
-    for i in range(50, 60):
-        hit = shards.search(data[300 + i], 1, "products")[0]
-        assert hit.id == f"p{i}" and hit.score == pytest.approx(1.0, abs=1e-4)
-    for i in range(60, 300):
-        assert shards.search(data[i], 1, "products")[0].id == f"p{i}"
+    assert_deleted_rewritten_and_kept(shards, data, rewritten_at=300, kept_until=300)
 
 
 def test_rebuild_drops_deleted_rows():
@@ -461,11 +466,5 @@ def test_writes_made_while_segments_merge_stay_correct_after_the_swap(monkeypatc
     assert not shards.backlogged()
 
     assert shards.records("products") == 350
-    for i in range(0, 50):
-        assert all(h.id != f"p{i}" for h in shards.search(data[i], 3, "products"))
-    for i in range(50, 60):
-        hit = shards.search(data[600 + i], 1, "products")[0]
-        assert hit.id == f"p{i}" and hit.score == pytest.approx(1.0, abs=1e-4)
-    for i in range(60, 400):
-        assert shards.search(data[i], 1, "products")[0].id == f"p{i}"
+    assert_deleted_rewritten_and_kept(shards, data, rewritten_at=600, kept_until=400)
     shards.close()
