@@ -22,6 +22,14 @@ config_option = click.option(
     help="TOML settings file (every setting is in indexer/config.py; see README, Configuration).",
 )
 
+port_option = click.option("--port", type=int, help="HTTP port of the query API (default 8080).")
+host_option = click.option("--host", help="HTTP interface (default 127.0.0.1).")
+cluster_option = click.option("--bootstrap-servers", help="HOST:PORT of the Kafka cluster (default: the config's).")
+
+
+def data_dir_option(help: str = "The node's data directory."):
+    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help=help)
+
 
 def _settings(config_path: Path | None, **overrides: object) -> Settings:
     try:
@@ -44,9 +52,9 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @config_option
-@click.option("--port", type=int, help="HTTP port of the query API (default 8080).")
-@click.option("--host", help="HTTP interface (default 127.0.0.1).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the node keeps its files.")
+@port_option
+@host_option
+@data_dir_option("Where the node keeps its files.")
 @click.option(
     "--broker-port",
     type=int,
@@ -138,8 +146,8 @@ def _records_topic_configs(settings: Settings) -> dict[str, str]:
 
 @main.command()
 @config_option
-@click.option("--bootstrap-servers", help="HOST:PORT of the Kafka cluster (default: the config's).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where model files are cached.")
+@cluster_option
+@data_dir_option("Where model files are cached.")
 def encode(config_path, bootstrap_servers, data_dir) -> None:
     """Encoder role: events in, records out (one consumer group; run any number of these)."""
     from consumers.encoding import EncodingConsumer, encoder_group
@@ -177,10 +185,10 @@ def encode(config_path, bootstrap_servers, data_dir) -> None:
 
 @main.command()
 @config_option
-@click.option("--bootstrap-servers", help="HOST:PORT of the Kafka cluster (default: the config's).")
-@click.option("--port", type=int, help="HTTP port of the query API (default 8080).")
-@click.option("--host", help="HTTP interface (default 127.0.0.1).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the node keeps its files.")
+@cluster_option
+@port_option
+@host_option
+@data_dir_option("Where the node keeps its files.")
 @click.option("--partitions", help="Records-topic partitions to serve, e.g. 0,2-5 (default: all).")
 @click.option("--advertise-url", help="The URL routers reach this node at (default http://HOST:PORT).")
 def serve(config_path, bootstrap_servers, port, host, data_dir, partitions, advertise_url) -> None:
@@ -231,9 +239,9 @@ def serve(config_path, bootstrap_servers, port, host, data_dir, partitions, adve
 
 @main.command()
 @config_option
-@click.option("--bootstrap-servers", help="HOST:PORT of the Kafka cluster (default: the config's).")
-@click.option("--port", type=int, help="HTTP port of the query API (default 8080).")
-@click.option("--host", help="HTTP interface (default 127.0.0.1).")
+@cluster_option
+@port_option
+@host_option
 def route(config_path, bootstrap_servers, port, host) -> None:
     """Router role: the HTTP API, each query fanned out to one ready replica per partition set."""
     from aiohttp import web
@@ -478,7 +486,7 @@ def search_command(image: Path, url: str, k: int, collection: str, category: str
 
 @main.command(name="pairs")
 @config_option
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The node's data directory.")
+@data_dir_option()
 def pairs_command(config_path, data_dir) -> None:
     """Street-to-shop pairs mined from posts that name their products: counts per category."""
     from indexer.training.pairs import counts, resolve
@@ -497,7 +505,7 @@ def pairs_command(config_path, data_dir) -> None:
 
 @main.command(name="train")
 @config_option
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="The node's data directory.")
+@data_dir_option()
 @click.option("--dim", type=click.IntRange(8, 4096), default=128, show_default=True, help="Projection head size.")
 @click.option("--unfreeze", type=click.IntRange(0, 16), default=0, show_default=True, help="Last base blocks to train.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
