@@ -213,9 +213,14 @@ class ShardSettings(BaseModel):
     keyword_attributes: tuple[str, ...] = ("brand", "colour", "size", "gender", "in_stock")
     numeric_attributes: tuple[str, ...] = ("price",)
     # A filtered search scores the matching rows of a sealed segment exactly when there are at most
-    # this many, and searches the index with a selector of them otherwise (reading a row back from
-    # an IVF index costs about 4 us; docs/benchmarks.md, filters step).
+    # this many, and searches the index with a selector of them otherwise (docs/architecture.md,
+    # "Row metadata and filters").
     filter_exact_max_rows: int = Field(2_000, ge=0)
+    # Above that, an IVF segment's matching rows are still scored exactly while that costs less than
+    # scanning the lists its search would probe, one row read back costing as much as this many rows
+    # scanned (measured at 1M x 128, one thread: 1.1 us a row read back from IVF-Flat, 2.2 from
+    # IVF-SQ8; 15-20 ns a row scanned past the selector, more where it matches; 0: never).
+    filter_exact_row_cost: float = Field(50.0, ge=0)
 
     @model_validator(mode="after")
     def _attributes_once(self) -> ShardSettings:

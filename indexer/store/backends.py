@@ -122,20 +122,26 @@ class FaissBackend(Backend):
         past refused rows until it holds k), IVF probes that many times
         ``nprobe`` lists (at 1M x 128, 5% matching: recall@10 0.95 at the
         unfiltered nprobe, 1.0 so widened). When the index still finds fewer
-        than k, the caller scores the matching rows exactly.
+        than k, or when reading the matching rows back costs less than the
+        rows the probed IVF lists hold (``shards.filter_exact_row_cost``), it
+        returns None: the caller scores the matching rows exactly.
         """
         if segment.index is None:
             return None
-        matching = int(mask.sum())
+        matching = int(np.count_nonzero(mask))
         selectivity = max(matching / max(segment.count, 1), 1e-9)
+        if segment.kind == "ivf":
+            nlist = faiss.extract_index_ivf(segment.index).nlist
+            nprobe = min(nlist, math.ceil(ivf_nprobe(nlist, settings) / math.sqrt(selectivity)))
+            cost = settings.filter_exact_row_cost
+            if cost and matching * cost <= segment.count * nprobe / nlist:
+                return None
         bitmap = np.packbits(mask, bitorder="little")
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # its size in bytes
         if segment.kind == "hnsw":
             ef = min(int(settings.hnsw_ef_search / math.sqrt(selectivity)), MAX_EF_SEARCH)
             params = faiss.SearchParametersHNSW(efSearch=max(ef, settings.hnsw_ef_search, k), sel=selector)
         else:
-            nlist = faiss.extract_index_ivf(segment.index).nlist
-            nprobe = min(nlist, math.ceil(ivf_nprobe(nlist, settings) / math.sqrt(selectivity)))
             params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
         scores, rows = segment.index.search(query, k, params=params)
         del bitmap  # the selector points into it: kept alive until here

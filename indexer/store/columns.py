@@ -404,14 +404,19 @@ class Columns:
 
     def match(self, where: Filter, count: int) -> np.ndarray:
         """A boolean mask over the first ``count`` rows: True where every condition holds."""
-        mask = np.ones(count, bool)
+        mask = None  # each condition's own mask, combined in place: one pass fewer a condition at 10M rows
         for c in where.conditions:
             column = self.arrays[c.attribute][:count]
             if c.any_of is not None:
-                mask &= np.isin(column, c.any_of) if len(c.any_of) != 1 else column == c.any_of[0]
+                holds = np.isin(column, c.any_of) if len(c.any_of) != 1 else column == c.any_of[0]
             else:
-                mask &= (column >= c.low) & (column <= c.high)  # NaN (no value) is never in range
-        return mask
+                holds = column >= c.low  # NaN (no value) is never in range
+                holds &= column <= c.high
+            if mask is None:
+                mask = holds
+            else:
+                mask &= holds
+        return np.ones(count, bool) if mask is None else mask
 
     def nbytes(self, count: int) -> int:
         """Bytes the first ``count`` rows take: columns and blobs."""

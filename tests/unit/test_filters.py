@@ -47,8 +47,18 @@ PATHS = {
         hnsw_m=8,
         filter_exact_max_rows=0,
         ivf_nprobe_fraction=1.0,
+        filter_exact_row_cost=0,
     ),
     "ivf-selector": ShardSettings(
+        seal_min_rows=20,
+        growing_max_rows=10,
+        hnsw_max_rows=20,
+        ivf_nprobe_fraction=1.0,
+        filter_exact_max_rows=0,
+        filter_exact_row_cost=0,
+    ),
+    # every list probed: reading the matching rows back is cheaper, so the planner scores them exactly
+    "ivf-planned-exact": ShardSettings(
         seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=20, ivf_nprobe_fraction=1.0, filter_exact_max_rows=0
     ),
 }
@@ -282,5 +292,45 @@ def test_a_filter_compiled_before_a_new_combination_was_coded_still_matches_its_
         assert [h.id for h in shards.search(vector, 5, "products", where=size_m)] == ["r0"]
         fresh = compile_filter(shards.codes, {"size": ["m"]}, {"price": (0, 10)})
         assert fresh.current(shards.codes) is fresh and size_m.current(shards.codes).conditions == fresh.conditions[:1]
+    finally:
+        shards.close()
+
+
+def test_the_planner_reads_matching_rows_back_when_that_costs_less_than_the_probed_lists():
+    """An IVF segment: 3 matching rows are scored exactly; with the cost at 0, through the index."""
+    vectors = unit_vectors(300, seed=11)
+    item = lambda v: (Item("top", v, (0, 0, 1, 1), None, 1.0),)  # noqa: E731
+    shards = built("ivf-planned-exact", [Upsert("products", f"r{i}", 0, {}, item(v)) for i, v in enumerate(vectors)])
+    try:
+        segment = max(shards.view.shards[("products", "top")].sealed, key=lambda s: s.count)
+        assert segment.kind == "ivf"
+        chosen = {0, segment.count // 2, segment.count - 1}  # of 140-300 rows, as the merges went
+        mask = np.zeros(segment.count, bool)
+        mask[list(chosen)] = True
+        for cost, planned_exact in ((1.0, True), (0.0, False)):
+            update = {"ivf_nprobe_fraction": 1 / 16, "filter_exact_row_cost": cost}
+            settings = shards.settings.model_copy(update=update)
+            got = shards.backend.knn_selected(segment, vectors[:1], 3, mask, settings)
+            assert (got is None) == planned_exact
+            if got is not None:
+                assert set(got[1][0].tolist()) == chosen
+    finally:
+        shards.close()
+
+
+def test_an_exact_pass_over_many_rows_reads_them_a_block_at_a_time(monkeypatch):
+    """The top k across block boundaries is the top k over all the rows at once."""
+    from indexer.store import segments
+
+    shards = built("sealed-exact", records(200, seed=5))
+    try:
+        segment = max(shards.view.shards[("products", "top")].sealed, key=lambda s: s.count)
+        query = unit_vectors(1, seed=6)[0]
+        rows = np.arange(segment.count)[::-1].copy()
+        everything = segment.search_rows(query, rows, 7)
+        monkeypatch.setattr(segments, "EXACT_BLOCK_BYTES", 4 * DIM * 9)  # blocks of 9 rows (at least k)
+        assert segment.search_rows(query, rows, 7) == everything
+        scores = segment.row_vectors(rows) @ query
+        assert [r for _, r in everything] == rows[np.argsort(-scores, kind="stable")[:7]].tolist()
     finally:
         shards.close()
