@@ -1,6 +1,12 @@
 """Many records on one node: insert, build, memory, queries, filtered queries and restart, per vector codec.
 
     python -m benchmarks.filters_bench --sizes 1000000x128 --output benchmarks/results/filters.json
+    python -m benchmarks.filters_bench --sizes 10000000x128 --codecs float32 --keep-checkpoints DIR --output ...
+    python -m benchmarks.filters_bench --sizes 10000000x128 --codecs float32 --requery DIR --output ...
+
+A run replaces only the result of its own size and codec in the output file.
+At 10M x 128 a codec takes 35-40 minutes on 2 cores, most of it the final IVF
+build; ``--requery`` measures the queries again on the checkpoint a run kept.
 
 Vectors have a low intrinsic dimension, as real embeddings do: a random
 two-layer map of a 24-d Gaussian, normalised; queries come from the same
@@ -26,6 +32,7 @@ ShardSettings otherwise, in a fresh process:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -40,6 +47,7 @@ import numpy as np
 
 from benchmarks.shards_bench import percentiles, rss_mb, settle
 from indexer.config import ShardSettings
+from indexer.store.backends import CODECS
 from indexer.store.columns import compile_filter
 from indexer.store.records import Item, Upsert
 from indexer.store.shards import ShardSet
@@ -108,50 +116,45 @@ def recall(found: list[list[int]], exact: list[set[int]]) -> float:
     return round(sum(len(set(f) & e) for f, e in zip(found, exact)) / max(wanted, 1), 4)
 
 
-def measure(n: int, dim: int, codec: str, queries_n: int, queue) -> None:
-    """In a fresh process: everything for one codec."""
-    from indexer.search import Where, search_vector
-    from indexer.store.checkpoint import load_latest, write_checkpoint
-    from indexer.store.shards import one_openmp_thread, release_freed_memory
+def nprobe_sweep(sealed, queries: np.ndarray, exact: list[set[int]]) -> list[dict]:
+    """FAISS alone over the settled IVF segment at other nprobe values: what recall each costs at this size."""
+    from indexer.store.shards import one_openmp_thread
 
-    base = embeddings(n, dim, seed=1)
-    queries = embeddings(queries_n, dim, seed=2)
-    prices, brands = attributes(n)
-    gc.collect()
-    release_freed_memory()
-    before = rss_mb()
-    settings = ShardSettings(vectors={"products": codec})
-    shards = ShardSet(dim, settings)
-    started = time.perf_counter()
-    insert(shards, base, prices, brands)
-    inserted_s = time.perf_counter() - started
-    settle(shards)
-    settled_s = time.perf_counter() - started
-    gc.collect()
-    release_freed_memory()
-    (size,) = shards.sizes()
-    store_mb = rss_mb() - before  # the benchmark's own vectors were resident before
-    out = {
-        "n": n,
-        "dim": dim,
-        "codec": codec,
-        "index": size["sealed"],
-        "insert_per_s": round(n / inserted_s),
-        "insert_and_settle_s": round(settled_s, 1),
-        "rss_bytes_per_record": round(store_mb * 2**20 / n),
-        "vector_bytes_per_record": dim * {"float32": 4, "float16": 2, "sq8": 1}[codec],
-        "metadata_bytes_per_row": round(size["metadata_bytes"] / size["vectors"], 1),
-    }
+    def record_numbers(rows: np.ndarray) -> list[int]:
+        return [int(sealed.columns.blob(r)[0][1:]) for r in rows.tolist() if r >= 0]
+
+    nlist = faiss.extract_index_ivf(sealed.index).nlist
+    out = []
+    for nprobe in sorted({p for p in (16, 32, 64, 128, 256, 512, nlist // 16) if p <= nlist}):
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        with one_openmp_thread():
+            rows, latency = timed_queries(lambda q, p=params: sealed.index.search(q[None], 10, params=p)[1][0], queries)
+        found = [record_numbers(r) for r in rows]
+        out.append({"nprobe": nprobe, "nlist": nlist, **latency, "recall_at_10": recall(found, exact)})
+        print(out[-1], flush=True)
+    return out
+
+
+def query_figures(shards: ShardSet, base: np.ndarray, queries: np.ndarray, prices: np.ndarray, codec: str) -> dict:
+    """Unfiltered and filtered queries over a settled store: latency, recall@10, FAISS alone beside it."""
+    from indexer.search import Where, search_vector
+    from indexer.store.shards import one_openmp_thread
+
+    out: dict = {}
     ids = lambda hits: [int(h.id[1:]) for h in hits]  # noqa: E731
     found, latency = timed_queries(lambda q: ids(shards.search(q, 10, "products")), queries)
-    out["unfiltered"] = {**latency, "recall_at_10": recall(found, exact_top(base, queries, None))}
+    exact = exact_top(base, queries, None)
+    out["unfiltered"] = {**latency, "recall_at_10": recall(found, exact)}
     (sealed,) = shards.view.shards[("products", "top")].sealed  # settled: one index
     with one_openmp_thread():
         _, raw_latency = timed_queries(
             lambda q: sealed.index.search(q[None], 10, params=sealed.search_params)[1][0].tolist(), queries
         )
     out["unfiltered"]["faiss_alone"] = raw_latency
+    if sealed.kind == "ivf":
+        out["unfiltered"]["nprobe_sweep"] = nprobe_sweep(sealed, queries, exact)
     out["filtered"] = []
+    index_only = shards.settings.model_copy(update={"filter_exact_row_cost": 0})
     for s in SELECTIVITIES:
         where = Where(("products",), ranges={"price": (0.0, s)})
         matching = np.flatnonzero(prices <= s)
@@ -165,22 +168,63 @@ def measure(n: int, dim: int, codec: str, queries_n: int, queue) -> None:
             "fewest_hits": min(len(f) for f in found),
         }
         # FAISS alone: the same index, the same selector of the same rows, as the store builds them
+        # (the store may plan an exact pass instead: FAISS alone always searches the index)
         mask = sealed.live_mask(shards.view.seq) & sealed.columns.match(
             compile_filter(shards.codes, {}, {"price": (0.0, s)}), sealed.count
         )
         with one_openmp_thread():
             _, raw_latency = timed_queries(
-                lambda q, m=mask: shards.backend.knn_selected(sealed, q[None], 10, m, settings), queries
+                lambda q, m=mask: shards.backend.knn_selected(sealed, q[None], 10, m, index_only), queries
             )
         row["faiss_selector_alone"] = raw_latency
         out["filtered"].append(row)
         print(codec, row, flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    return out
+
+
+def measure(n: int, dim: int, codec: str, queries_n: int, queue, keep: Path | None = None) -> None:
+    """In a fresh process: everything for one codec; its checkpoint is kept under ``keep`` if given."""
+    from indexer.store.checkpoint import load_latest, write_checkpoint
+    from indexer.store.shards import release_freed_memory
+
+    base = embeddings(n, dim, seed=1)
+    queries = embeddings(queries_n, dim, seed=2)
+    prices, brands = attributes(n)
+    gc.collect()
+    release_freed_memory()
+    before = rss_mb()
+    settings = ShardSettings(vectors={"products": codec})
+    shards = ShardSet(dim, settings)
+    started = time.perf_counter()
+    insert(shards, base, prices, brands)
+    inserted_s = time.perf_counter() - started
+    print(f"{n:,} x {dim} {codec}: inserted in {inserted_s:.1f} s, settling", flush=True)
+    settle(shards)
+    settled_s = time.perf_counter() - started
+    print(f"{n:,} x {dim} {codec}: settled at {settled_s:.1f} s", flush=True)
+    gc.collect()
+    release_freed_memory()
+    (size,) = shards.sizes()
+    store_mb = rss_mb() - before  # the benchmark's own vectors were resident before
+    out = {
+        "n": n,
+        "dim": dim,
+        "codec": codec,
+        "index": size["sealed"],
+        "insert_per_s": round(n / inserted_s),
+        "insert_and_settle_s": round(settled_s, 1),
+        "rss_bytes_per_record": round(store_mb * 2**20 / n),
+        "vector_bytes_per_record": int(dim * CODECS[codec][0]),
+        "metadata_bytes_per_row": round(size["metadata_bytes"] / size["vectors"], 1),
+    }
+    out.update(query_figures(shards, base, queries, prices, codec))
+    kept = keep / f"{n}x{dim}-{codec}" if keep else None
+    with contextlib.nullcontext(kept) if kept else tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         write_checkpoint(Path(tmp), shards.view, {}, {}, {**GENERATION, "dim": dim})
         out["checkpoint_write_s"] = round(time.perf_counter() - started, 1)
         shards.close()
-        shards = sealed = None  # the restored copy replaces them
+        shards = None  # the restored copy replaces them
         gc.collect()
         started = time.perf_counter()
         _, restored = load_latest(Path(tmp), {**GENERATION, "dim": dim}, settings)
@@ -188,6 +232,25 @@ def measure(n: int, dim: int, codec: str, queries_n: int, queue) -> None:
         out["restart_s"] = round(time.perf_counter() - started, 1)
         out["restored_records"] = restored.records("products")
         restored.close()
+    queue.put(out)
+
+
+def requery(n: int, dim: int, codec: str, queries_n: int, kept: Path, queue) -> None:
+    """In a fresh process: restart from a run's kept checkpoint, then its queries again (after a change
+    to the query path, the hours of inserts and builds need not be spent again)."""
+    from indexer.store.checkpoint import load_latest
+
+    base = embeddings(n, dim, seed=1)
+    queries = embeddings(queries_n, dim, seed=2)
+    prices, _ = attributes(n)
+    settings = ShardSettings(vectors={"products": codec})
+    started = time.perf_counter()
+    _, shards = load_latest(kept / f"{n}x{dim}-{codec}", {**GENERATION, "dim": dim}, settings)
+    shards.search(queries[0], 10, "products")
+    out = {"restart_s": round(time.perf_counter() - started, 1), "restored_records": shards.records("products")}
+    out.update(query_figures(shards, base, queries, prices, codec))
+    out["queries_from_checkpoint"] = True
+    shards.close()
     queue.put(out)
 
 
@@ -333,6 +396,14 @@ def restart_only(n: int, dim: int) -> dict:
     return out
 
 
+def kept_runs(output: Path | None) -> list[dict]:
+    """The runs already in ``output``: a step at 10M rows takes hours, so other sizes' results stay
+    and a run replaces only the one of its own size and codec."""
+    if output is None or not output.exists():
+        return []
+    return json.loads(output.read_text()).get("runs", [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=("quick", "full"), default="quick")
@@ -342,6 +413,8 @@ def main() -> None:
     parser.add_argument("--restart-only", type=int, metavar="N", help="only the restart of N rows (x 128)")
     parser.add_argument("--bulk-load", type=int, metavar="N", help="only query latency during a load of N rows")
     parser.add_argument("--switch-interval-ms", type=float, help="with --bulk-load (default: the node's)")
+    parser.add_argument("--keep-checkpoints", type=Path, metavar="DIR", help="keep each run's checkpoint in here")
+    parser.add_argument("--requery", type=Path, metavar="DIR", help="only the queries, on the checkpoints kept here")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.restart_only or args.bulk_load:
@@ -362,18 +435,30 @@ def main() -> None:
             "cores": os.cpu_count(),
             "faiss": faiss.__version__,
         },
-        "runs": [],
+        "runs": kept_runs(args.output),
     }
     context = multiprocessing.get_context("spawn")
     for size in sizes:
         n, dim = (int(x) for x in size.split("x"))
         for codec in args.codecs:
             queue = context.Queue()
-            process = context.Process(target=measure, args=(n, dim, codec, args.queries, queue))
+            earlier = [r for r in results["runs"] if (r["n"], r["dim"], r["codec"]) == (n, dim, codec)]
+            if args.requery:
+                if not earlier:
+                    parser.error(f"--requery: no earlier run of {size} {codec} in {args.output}")
+                target, arguments = requery, (n, dim, codec, args.queries, args.requery, queue)
+            else:
+                target, arguments = measure, (n, dim, codec, args.queries, queue, args.keep_checkpoints)
+            process = context.Process(target=target, args=arguments)
             process.start()
-            results["runs"].append(queue.get())
+            run = queue.get()
+            if args.requery:  # keeps its insert, build and memory figures; a note on its old queries goes
+                run = {**{k: v for k, v in earlier[0].items() if k != "note"}, **run}
+            results["runs"] = [r for r in results["runs"] if (r["n"], r["dim"], r["codec"]) != (n, dim, codec)]
+            results["runs"].append(run)
+            results["runs"].sort(key=lambda r: (r["n"] * r["dim"], r["n"], list(CODECS).index(r["codec"])))
             process.join()
-            print(results["runs"][-1], flush=True)
+            print(run, flush=True)
             if args.output:
                 args.output.parent.mkdir(parents=True, exist_ok=True)
                 args.output.write_text(json.dumps(results, indent=2) + "\n")
