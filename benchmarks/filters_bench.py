@@ -172,9 +172,11 @@ def query_figures(shards: ShardSet, base: np.ndarray, queries: np.ndarray, price
         mask = sealed.live_mask(shards.view.seq) & sealed.columns.match(
             compile_filter(shards.codes, {}, {"price": (0.0, s)}), sealed.count
         )
+        count = int(np.count_nonzero(mask))
         with one_openmp_thread():
             _, raw_latency = timed_queries(
-                lambda q, m=mask: shards.backend.knn_selected(sealed, q[None], 10, m, index_only), queries
+                lambda q, m=mask, c=count: shards.backend.knn_selected(sealed, q[None], 10, m, c, index_only),
+                queries,
             )
         row["faiss_selector_alone"] = raw_latency
         out["filtered"].append(row)

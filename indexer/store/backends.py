@@ -64,9 +64,10 @@ class Backend(ABC):
         """Inner-product top-k over the segment's published rows, deleted ones included: (scores, rows) as in FAISS."""
 
     def knn_selected(
-        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, settings: ShardSettings
+        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, matching: int, settings: ShardSettings
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Top-k over the rows where ``mask`` is True, inside the index; None where this segment cannot select."""
+        """Top-k over the ``matching`` rows where ``mask`` is True (the caller counted them), inside the index;
+        None where this segment cannot select."""
         return None
 
     @abstractmethod
@@ -111,7 +112,7 @@ class FaissBackend(Backend):
         return segment.index.search(queries, k, params=segment.search_params)
 
     def knn_selected(
-        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, settings: ShardSettings
+        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, matching: int, settings: ShardSettings
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """The index searched with a selector of the matching rows (FAISS skips the others as it goes).
 
@@ -128,7 +129,6 @@ class FaissBackend(Backend):
         """
         if segment.index is None:
             return None
-        matching = int(np.count_nonzero(mask))
         selectivity = max(matching / max(segment.count, 1), 1e-9)
         if segment.kind == "ivf":
             nlist = faiss.extract_index_ivf(segment.index).nlist
@@ -295,7 +295,7 @@ class TorchCudaBackend(Backend):
         return top.values.cpu().numpy(), top.indices.cpu().numpy()
 
     def knn_selected(
-        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, settings: ShardSettings
+        self, segment: Segment, query: np.ndarray, k: int, mask: np.ndarray, matching: int, settings: ShardSettings
     ) -> tuple[np.ndarray, np.ndarray]:
         """The matrix product over every row, the others' scores set to -inf before top-k."""
         import torch
@@ -304,7 +304,7 @@ class TorchCudaBackend(Backend):
         q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).to(rows.device)
         scores = (q @ rows[: segment.count].T)[0]
         scores[~torch.from_numpy(mask).to(rows.device)] = -math.inf
-        top = torch.topk(scores, k=min(k, int(mask.sum())))
+        top = torch.topk(scores, k=min(k, matching))
         return top.values.cpu().numpy()[None], top.indices.cpu().numpy()[None]
 
     def build_sealed(

@@ -667,7 +667,7 @@ class ShardSet:
             return []
         wanted = min(k, matching)
         if segment.index is None or matching > self.settings.filter_exact_max_rows:
-            got = self.backend.knn_selected(segment, query, wanted, mask, self.settings)
+            got = self.backend.knn_selected(segment, query, wanted, mask, matching, self.settings)
             if got is not None:
                 found = [(s, r) for s, r in zip(got[0][0].tolist(), got[1][0].tolist()) if r >= 0]
                 if len(found) >= wanted:

@@ -36,6 +36,10 @@ BRANDS = ["Acme", "acme", "Zeta", "Other", None, 3, True]
 #: elements of the generated ``size`` and ``colour`` lists: mixed case, repeats, and some that are not values
 SIZES = ["S", "s", "M", "m", "L", "XL", 3, True, None, ["M"], {"size": "M"}]
 COLOURS = ["red", "Red", "white", "blue", None]
+#: sealed into IVF segments from 20 rows on, every list probed (the two IVF paths below)
+IVF_PATH = ShardSettings(
+    seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=20, ivf_nprobe_fraction=1.0, filter_exact_max_rows=0
+)
 PATHS = {
     "growing": ShardSettings(seal_min_rows=10_000),
     "sealed-exact": ShardSettings(seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=1_000, hnsw_m=8),
@@ -49,18 +53,9 @@ PATHS = {
         ivf_nprobe_fraction=1.0,
         filter_exact_row_cost=0,
     ),
-    "ivf-selector": ShardSettings(
-        seal_min_rows=20,
-        growing_max_rows=10,
-        hnsw_max_rows=20,
-        ivf_nprobe_fraction=1.0,
-        filter_exact_max_rows=0,
-        filter_exact_row_cost=0,
-    ),
+    "ivf-selector": IVF_PATH.model_copy(update={"filter_exact_row_cost": 0}),
     # every list probed: reading the matching rows back is cheaper, so the planner scores them exactly
-    "ivf-planned-exact": ShardSettings(
-        seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=20, ivf_nprobe_fraction=1.0, filter_exact_max_rows=0
-    ),
+    "ivf-planned-exact": IVF_PATH,
 }
 
 
@@ -310,7 +305,7 @@ def test_the_planner_reads_matching_rows_back_when_that_costs_less_than_the_prob
         for cost, planned_exact in ((1.0, True), (0.0, False)):
             update = {"ivf_nprobe_fraction": 1 / 16, "filter_exact_row_cost": cost}
             settings = shards.settings.model_copy(update=update)
-            got = shards.backend.knn_selected(segment, vectors[:1], 3, mask, settings)
+            got = shards.backend.knn_selected(segment, vectors[:1], 3, mask, len(chosen), settings)
             assert (got is None) == planned_exact
             if got is not None:
                 assert set(got[1][0].tolist()) == chosen
