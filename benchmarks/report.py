@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 IMAGE_QUERY_GOAL_MS = 10
-FRESHNESS_GOAL_MS = 1000
+FRESHNESS_GOAL_MS = 300  # issue 19's (the first round's was 1 s)
+INGEST_GOAL_EVENTS_PER_S = 150  # issue 19's, on this 2-core machine
 RATIO_GOAL = 1.5
 SWAP_GOAL = 2.0
 
@@ -122,19 +123,29 @@ def _ingest(page: Page, data: dict | None) -> None:
 Default models ({data["models"]["encoder"]} in {runtime}, {data["models"]["detector"]} detector, batches of
 {data["models"]["batch_size"]}), 320x400 JPEGs, one partition, the local broker. "Bare" is the models alone
 (detect, encode; the images decoded beforehand) on the same images, measured before and after the end-to-end run
-({data["bare_before_and_after"][0]} and {data["bare_before_and_after"][1]} images/s) and averaged; "end to end" is
+({data["bare_before_and_after"][0]} and {data["bare_before_and_after"][1]} images/s) and averaged; "bare with
+decode" decodes each batch first in the same loop, the work every event needs; "end to end" is
 a burst of {data["events"]} events published up front, counted in steady state: from the first batch
 searchable to the last event ({data["end_to_end_from_first_sent"]} events/s from the first event sent).
 Freshness is each event's producer timestamp to searchable, at a steady 50% and 90% of
 the end-to-end rate. The image query posts a 256x256 JPEG of a product not indexed to `POST /search`, one at a
-time from a client in another process: decode, the same models, search."""
+time from a client in another process, once the index builds of the records just indexed are done: decode, the
+same models, search."""
     )
+    rate = data["end_to_end_events_per_s"]
     rows = [
         ["bare models", f"{data['bare_images_per_s']} images/s", "", ""],
-        ["end to end", f"{data['end_to_end_events_per_s']} events/s", "", ""],
+        ["end to end", f"{rate} events/s", f"≥ {INGEST_GOAL_EVENTS_PER_S}", _met(rate >= INGEST_GOAL_EVENTS_PER_S)],
         ["efficiency (end to end / bare)", data["efficiency"], "≥ 0.9", _met(data["efficiency"] >= 0.9)],
     ]
+    page.goal(f"ingest ≥ {INGEST_GOAL_EVENTS_PER_S} events/s", f"{rate}", rate >= INGEST_GOAL_EVENTS_PER_S)
     page.goal("ingest efficiency ≥ 0.9", str(data["efficiency"]), data["efficiency"] >= 0.9)
+    with_decode = data.get("efficiency_with_decode")
+    if with_decode is not None:
+        rows[1:1] = [["bare with decode", f"{data['bare_with_decode_images_per_s']} images/s", "", ""]]
+        ok = with_decode >= 0.8
+        rows.append(["efficiency (end to end / bare with decode)", with_decode, "≥ 0.8", _met(ok)])
+        page.goal("ingest efficiency against bare with decode ≥ 0.8", str(with_decode), ok)
     for load in data["freshness"]:
         share = int(load["share_of_capacity"] * 100)
         measured = f"{load['freshness_p50_ms']:.0f} / {load['freshness_p99_ms']:.0f} ms"
@@ -144,12 +155,12 @@ time from a client in another process: decode, the same models, search."""
             [
                 f"freshness p50 / p99 at {share}% load ({load['events_per_s']} events/s)",
                 measured,
-                "p99 ≤ 1 s" if goal else "",
+                f"p99 ≤ {FRESHNESS_GOAL_MS} ms" if goal else "",
                 _met(ok) if goal else "",
             ]
         )
         if goal:
-            page.goal("freshness p99 ≤ 1 s at 50% load", f"{load['freshness_p99_ms']:.0f} ms", ok)
+            page.goal(f"freshness p99 ≤ {FRESHNESS_GOAL_MS} ms at 50% load", f"{load['freshness_p99_ms']:.0f} ms", ok)
     query = data.get("image_query")
     if query:  # issue 19's goal for the query path on this machine
         ok = query["p50_ms"] <= IMAGE_QUERY_GOAL_MS
@@ -162,7 +173,7 @@ time from a client in another process: decode, the same models, search."""
     for load in data["freshness"]:
         t, ms = np.asarray(load["timeline"]).T if load["timeline"] else ([], [])
         ax.plot(t, ms, ".", markersize=3, label=f"{int(load['share_of_capacity'] * 100)}% load")
-    ax.axhline(FRESHNESS_GOAL_MS, color="grey", linestyle="--", linewidth=1, label="1 s")
+    ax.axhline(FRESHNESS_GOAL_MS, color="grey", linestyle="--", linewidth=1, label=f"{FRESHNESS_GOAL_MS} ms")
     ax.set(xlabel="seconds into the phase", ylabel="event -> searchable (ms)", title="Freshness over time")
     ax.legend()
     page.add(page.plot("freshness.png", figure))

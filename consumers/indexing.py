@@ -195,6 +195,7 @@ class IndexingConsumer:
             "session_timeout_ms": self.kafka.session_timeout_ms,
             "heartbeat_interval_ms": self.kafka.heartbeat_interval_ms,
             "max_poll_records": self.kafka.max_poll_records,
+            "fetch_max_wait_ms": self.kafka.fetch_max_wait_ms,
             "fetch_max_bytes": max(self.kafka.max_message_bytes, 50 * 1024 * 1024),
             "max_partition_fetch_bytes": self.kafka.max_message_bytes,
         }

@@ -56,14 +56,11 @@ class ReplicaConsumer(IndexingConsumer):
         restored_offsets: dict[str, int] | None = None,
         thumbnails: ThumbnailStore | None = None,
         ingest: IngestSettings | None = None,
-        fetch_wait_ms: int = 500,
         ready_max_lag: int = 1000,
     ) -> None:
         super().__init__(kafka, None, shards, stats, checkpointer, restored_offsets, thumbnails, ingest)
         #: further behind than this the replica is not ready, and routers do not ask it (api.ready_max_lag)
         self.ready_max_lag = ready_max_lag
-        #: how long the broker may hold a fetch while no record is there (kafka-python's fetch_max_wait_ms)
-        self.fetch_wait_ms = fetch_wait_ms
         self.records_topic = records_topic
         self.wanted = partitions
         #: the partitions served, and how many the topic has (for the router), once assigned
@@ -74,7 +71,6 @@ class ReplicaConsumer(IndexingConsumer):
     def _client_config(self) -> dict:
         config = super()._client_config()
         config["group_id"] = None
-        config["fetch_max_wait_ms"] = self.fetch_wait_ms
         return config
 
     def _subscribe(self, consumer: KafkaConsumer) -> None:

@@ -194,7 +194,6 @@ class Generation:
                 self.restored_offsets,
                 thumbnails,
                 settings.ingest,
-                settings.cluster.replica_fetch_wait_ms,
                 settings.api.ready_max_lag,
             )
             self.consumer.start()

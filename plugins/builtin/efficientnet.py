@@ -106,7 +106,9 @@ def _cached_runner(head: str, device: str, runtime: str, threads: int | None, ca
     model = load_network(device)
     context = ModelContext(device, threads, runtime=runtime, cache_dir=cache_dir)
     name = f"efficientnet-lite0-{head}"
-    return onnx_runtime.runner(_head(model, head), (1, *INPUT_SIZE, 3), name, context, input_dtype="uint8")
+    return onnx_runtime.runner(
+        _head(model, head), (1, *INPUT_SIZE, 3), name, context, input_dtype="uint8", per_image=True
+    )
 
 
 class EfficientNetLite0Encoder:

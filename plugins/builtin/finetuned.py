@@ -162,7 +162,7 @@ class FinetunedEncoder:
 
         network = network.to(context.device, torch.float16 if context.device == "cuda" else torch.float32)
         self.run = onnx_runtime.runner(
-            network, (1, *self.size, 3), f"finetuned-{config['version']}", context, input_dtype="uint8"
+            network, (1, *self.size, 3), f"finetuned-{config['version']}", context, input_dtype="uint8", per_image=True
         )
 
     def encode(self, crops: list[Image.Image]) -> np.ndarray:

@@ -5,6 +5,12 @@ faster than eager PyTorch on the same cores, with embeddings that agree to a
 cosine of 0.99999 (docs/models.md, "Runtimes"). The graph is exported here, on
 the machine, from the weights the plugin already loaded; nothing is fetched.
 
+A small network (the built-in EfficientNet-Lite0) runs a batch faster as
+single images side by side, one single-thread session per core, than as one
+batch whose every operator is split over the cores: each image's activations
+stay in the core's cache (114 against 78 images/s on 2 cores; docs/models.md).
+A single image (a query) still gets every core, through one more session.
+
 The exported file is cached as ``<cache_dir>/<name>-<digest>.onnx``, where the
 digest covers the weights, the input shape and the export settings: new
 weights or settings export anew, the same ones load in milliseconds. Without a
@@ -20,6 +26,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +41,10 @@ log = logging.getLogger(__name__)
 EXPORT_SETTINGS = {"format": 1, "opset": 17, "exporter": "torchscript", "dynamic_batch": True}
 
 
+#: How long an idle intra-op thread spins before it sleeps (``session.intra_op.spin_duration_us``).
+SPIN_US = 1000
+
+
 def available() -> bool:
     try:
         import onnxruntime  # noqa: F401
@@ -43,15 +54,30 @@ def available() -> bool:
 
 
 class OnnxModel:
-    """A network exported to ONNX and run by an ONNX Runtime session on the CPU: a batch in, arrays out."""
+    """A network exported to ONNX and run by ONNX Runtime sessions on the CPU: a batch in, arrays out.
 
-    def __init__(self, session: Any, path: Path | None) -> None:
+    ``session`` uses every thread; ``per_image`` sessions (one thread each, if
+    given) share a batch's images between them and run them one at a time.
+    """
+
+    def __init__(self, session: Any, path: Path | None, per_image: list[Any] | None = None) -> None:
         self.session = session
         self.path = path  # where the graph is cached, if it is
         self.input = session.get_inputs()[0].name
+        self.per_image = per_image or []
+        self._pool = ThreadPoolExecutor(len(self.per_image), "lookstream-onnx") if len(self.per_image) > 1 else None
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input: np.ascontiguousarray(batch)})
+        batch = np.ascontiguousarray(batch)
+        if self._pool is None or len(batch) < 2:
+            return self.session.run(None, {self.input: batch})
+        shares = [share for share in np.array_split(batch, len(self.per_image)) if len(share)]
+        parts = list(self._pool.map(self._one_by_one, self.per_image, shares))
+        return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
+
+    def _one_by_one(self, session: Any, images: np.ndarray) -> list[np.ndarray]:
+        runs = [session.run(None, {self.input: images[i : i + 1]}) for i in range(len(images))]
+        return [np.concatenate(outputs) for outputs in zip(*runs, strict=True)]
 
 
 def runner(
@@ -62,17 +88,20 @@ def runner(
     *,
     input_dtype: str = "float32",
     torch_dtype: Any = None,
+    per_image: bool = False,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``module`` (one batch in, one tensor out) as a callable on numpy batches, in ``context.runtime``.
 
-    "onnxruntime": exported and cached (:func:`export`), run on the CPU.
+    "onnxruntime": exported and cached (:func:`export`), run on the CPU; with
+    ``per_image`` a batch's images run side by side, one per core (for small
+    networks: each such session holds its own copy of the weights).
     "torch": eager, under ``inference_mode`` on ``context.device``; the batch is
     cast to ``torch_dtype`` first if given (half precision on a GPU).
     """
     if context.runtime == "onnxruntime":
         if context.device != "cpu":
             raise ValueError("models.runtime 'onnxruntime' runs on the CPU here; use 'torch' (or 'auto') on a GPU")
-        onnx = export(module, input_shape, name, context.cache_dir, context.cpu_threads, input_dtype)
+        onnx = export(module, input_shape, name, context.cache_dir, context.cpu_threads, input_dtype, per_image)
         return lambda batch: onnx(batch.astype(input_dtype, copy=False))[0]
     if context.runtime != "torch":
         raise ValueError(f"unknown models.runtime {context.runtime!r}; expected onnxruntime or torch")
@@ -93,10 +122,12 @@ def export(
     cache_dir: Path | None,
     threads: int | None = None,
     input_dtype: str = "float32",
+    per_image: bool = False,
 ) -> OnnxModel:
-    """``module`` (a torch ``nn.Module`` taking one batch of ``input_dtype``) as an ONNX Runtime model."""
-    import onnxruntime as ort
+    """``module`` (a torch ``nn.Module`` taking one batch of ``input_dtype``) as an ONNX Runtime model.
 
+    ``per_image``: also one single-thread session per thread, for batches (:class:`OnnxModel`).
+    """
     digest = _digest(module, input_shape, input_dtype)
     path = cache_dir / f"{name}-{digest[:16]}.onnx" if cache_dir is not None else None
     if path is not None and path.exists():
@@ -109,13 +140,25 @@ def export(
             tmp.write_bytes(graph)
             os.replace(tmp, path)
             log.info("exported %s to %s", name, path)
+    threads = threads or os.cpu_count() or 1
+    session = _session(graph, threads)
+    per_image_sessions = [_session(graph, 1) for _ in range(threads)] if per_image and threads > 1 else None
+    return OnnxModel(session, path, per_image_sessions)
+
+
+def _session(graph: bytes | str, threads: int) -> Any:
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initializers and the like are noise here
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    return OnnxModel(session, path)
+    # Idle threads spin for a millisecond, then sleep. Without spinning, every operator of a single-image
+    # query waited for sleeping threads to wake (batch-1 p50 19 ms against 14); unbounded spinning kept
+    # both cores busy about 50 ms after each run, away from the decode worker (docs/models.md, "Runtimes").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def _digest(module: Any, input_shape: tuple[int, ...], input_dtype: str) -> str:

@@ -54,3 +54,16 @@ def test_an_export_is_cached_by_weights_and_settings(tmp_path):
         module[0].weight.add_(1.0)
     changed = onnx_runtime.export(module, (1, 3, 16, 16), "tiny", tmp_path)
     assert changed.path != first.path and len(list(tmp_path.glob("tiny-*.onnx"))) == 2
+
+
+def test_per_image_sessions_answer_a_batch_in_order(tmp_path):
+    import torch
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model = onnx_runtime.export(module, (1, 3, 16, 16), "tiny", tmp_path, threads=3, per_image=True)
+    assert len(model.per_image) == 3
+    for size in (1, 2, 7):  # one image (the all-threads session), fewer images than sessions, more
+        batch = np.random.default_rng(size).standard_normal((size, 3, 16, 16)).astype(np.float32)
+        with torch.inference_mode():
+            expected = module(torch.from_numpy(batch)).numpy()
+        np.testing.assert_allclose(model(batch)[0], expected, rtol=1e-4, atol=1e-5)
