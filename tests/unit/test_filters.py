@@ -42,7 +42,10 @@ IVF_PATH = ShardSettings(
 )
 PATHS = {
     "growing": ShardSettings(seal_min_rows=10_000),
-    "sealed-exact": ShardSettings(seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=1_000, hnsw_m=8),
+    # interim IVF segments probed exhaustively too: at 1/16 of 19 lists an unfiltered query missed a row
+    "sealed-exact": ShardSettings(
+        seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=1_000, hnsw_m=8, ivf_nprobe_fraction=1.0
+    ),
     # the first segment HNSW, later flushes interim IVF segments (searched exhaustively here)
     "hnsw-selector": ShardSettings(
         seal_min_rows=20,
