@@ -221,9 +221,10 @@ class ShardSettings(BaseModel):
     # "Row metadata and filters").
     filter_exact_max_rows: int = Field(2_000, ge=0)
     # Above that, an IVF segment's matching rows are still scored exactly while that costs less than
-    # scanning the lists its search would probe, one row read back costing as much as this many rows
-    # scanned (measured at 1M x 128, one thread: 1.1 us a row read back from IVF-Flat, 2.2 from
-    # IVF-SQ8; 15-20 ns a row scanned past the selector, more where it matches; 0: never).
+    # scanning the lists its search would probe, one row read back from IVF-Flat costing as much as this
+    # many rows scanned (measured at 1M x 128, one thread: 0.7 us against 14 ns a row scanned past the
+    # selector, more where it matches; float16 and sq8 rows cost 3.4 and 3.1 times as much to read back,
+    # indexer/store/backends.py READ_BACK_COST; 0: never).
     filter_exact_row_cost: float = Field(50.0, ge=0)
 
     @model_validator(mode="after")

@@ -316,6 +316,22 @@ def test_the_planner_reads_matching_rows_back_when_that_costs_less_than_the_prob
         shards.close()
 
 
+def test_the_planner_knows_each_codec_s_read_back_cost():
+    """A scalar-quantised row costs more to read back, so fewer matching rows are scored exactly."""
+    import faiss
+
+    from indexer.store.backends import CODECS, READ_BACK_COST, ivf_codec
+
+    for codec, (_, qtype) in CODECS.items():
+        quantizer = faiss.IndexFlatIP(DIM)
+        if qtype is None:
+            index = faiss.IndexIVFFlat(quantizer, DIM, 4, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, DIM, 4, qtype, faiss.METRIC_INNER_PRODUCT)
+        assert ivf_codec(index) == codec
+        assert READ_BACK_COST[codec] >= READ_BACK_COST["float32"] == 1.0
+
+
 def test_an_exact_pass_over_many_rows_reads_them_a_block_at_a_time(monkeypatch):
     """The top k across block boundaries is the top k over all the rows at once."""
     from indexer.store import segments
