@@ -107,7 +107,7 @@ def _cached_runner(head: str, device: str, runtime: str, threads: int | None, ca
     context = ModelContext(device, threads, runtime=runtime, cache_dir=cache_dir)
     name = f"efficientnet-lite0-{head}"
     return onnx_runtime.runner(
-        _head(model, head), (1, *INPUT_SIZE, 3), name, context, input_dtype="uint8", per_image=True
+        _head(model, head), (1, *INPUT_SIZE, 3), name, context, input_dtype="uint8", per_image=True, prepare=_pixels
     )
 
 
@@ -122,7 +122,7 @@ class EfficientNetLite0Encoder:
     def encode(self, crops: list[Image.Image]) -> np.ndarray:
         if not crops:
             return np.empty((0, self.dim), dtype=np.float32)
-        return np.asarray(self.run(_pixels(crops)), dtype=np.float32)
+        return np.asarray(self.run(crops), dtype=np.float32)
 
 
 class ImageNetGarmentClassifier:
@@ -145,7 +145,7 @@ class ImageNetGarmentClassifier:
     def classify(self, crops: list[Image.Image], detections: list[Detection], attrs: list[dict[str, Any]]) -> list[str]:
         if not crops:
             return []
-        probabilities = self.run(_pixels(crops))
+        probabilities = self.run(crops)
         mass = np.stack([probabilities[:, idx].sum(-1) for idx in self.members], axis=1)
         best, index = mass.max(axis=1), mass.argmax(axis=1)
         return [

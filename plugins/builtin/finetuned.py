@@ -162,13 +162,19 @@ class FinetunedEncoder:
 
         network = network.to(context.device, torch.float16 if context.device == "cuda" else torch.float32)
         self.run = onnx_runtime.runner(
-            network, (1, *self.size, 3), f"finetuned-{config['version']}", context, input_dtype="uint8", per_image=True
+            network,
+            (1, *self.size, 3),
+            f"finetuned-{config['version']}",
+            context,
+            input_dtype="uint8",
+            per_image=True,
+            prepare=lambda crops: resize(crops, self.size),
         )
 
     def encode(self, crops: list[Image.Image]) -> np.ndarray:
         if not crops:
             return np.empty((0, self.dim), dtype=np.float32)
-        return np.asarray(self.run(resize(crops, self.size)), dtype=np.float32)
+        return np.asarray(self.run(crops), dtype=np.float32)
 
 
 @hookimpl

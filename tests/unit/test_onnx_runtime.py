@@ -56,7 +56,7 @@ def test_an_export_is_cached_by_weights_and_settings(tmp_path):
     assert changed.path != first.path and len(list(tmp_path.glob("tiny-*.onnx"))) == 2
 
 
-def test_per_image_sessions_answer_a_batch_in_order(tmp_path):
+def test_per_image_sessions_prepare_and_answer_a_batch_in_order(tmp_path):
     import torch
 
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
@@ -67,3 +67,11 @@ def test_per_image_sessions_answer_a_batch_in_order(tmp_path):
         with torch.inference_mode():
             expected = module(torch.from_numpy(batch)).numpy()
         np.testing.assert_allclose(model(batch)[0], expected, rtol=1e-4, atol=1e-5)
+        prepared: list[int] = []  # how many images each call of ``prepare`` was given
+
+        def stack(images: list[np.ndarray], calls: list[int] = prepared) -> np.ndarray:
+            calls.append(len(images))
+            return np.stack(images)
+
+        np.testing.assert_allclose(model(list(batch), stack)[0], expected, rtol=1e-4, atol=1e-5)
+        assert prepared == ([1] * size if size > 1 else [1])  # per image, in the session that runs it
