@@ -85,9 +85,14 @@ class Segment:
 
         The rows are read back into one buffer of ``EXACT_BLOCK_BYTES`` at a
         time: 500,000 matching rows of 128-d would otherwise take 256 MB a query.
+        A flat segment scores every row instead when at least ``1 / DENSE_SHARE``
+        of them are asked for: reading them all in order costs less than
+        gathering that many.
         """
         if not len(rows):
             return []
+        if self.index is None and len(rows) * DENSE_SHARE >= self.count:
+            return _ranked((self.vectors[: self.count] @ query)[rows], rows, k)
         block = max(k, EXACT_BLOCK_BYTES // (4 * self.dim))
         buffer = np.empty((min(len(rows), block), self.dim), np.float32)
         kept_scores, kept_rows = [], []
@@ -97,10 +102,7 @@ class Segment:
             best = _top(scores, k)
             kept_scores.append(scores[best])
             kept_rows.append(part[best])
-        scores, rows = np.concatenate(kept_scores), np.concatenate(kept_rows)
-        best = _top(scores, k)
-        best = best[np.argsort(-scores[best], kind="stable")]
-        return list(zip(scores[best].tolist(), rows[best].tolist()))
+        return _ranked(np.concatenate(kept_scores), np.concatenate(kept_rows), k)
 
     def rows_of(self, hashes: np.ndarray) -> np.ndarray:
         """Rows (live or not) of the records with these hashes: a binary search where rows are ordered by record."""
@@ -141,11 +143,21 @@ class Segment:
 
 #: what an exact search over chosen rows reads back at a time (65,536 rows of 128-d float32)
 EXACT_BLOCK_BYTES = 32 << 20
+#: a flat segment scores all its rows when a filter matches at least 1 / DENSE_SHARE of them: at 16,000 x 1280
+#: gathering half the rows and scoring them took 34 ms, scoring all 6 ms; a fifth 11 against 4; a twentieth 2 against 5
+DENSE_SHARE = 8
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k highest scores, in no order."""
     return np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
+
+
+def _ranked(scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[float, int]]:
+    """The k best (score, row) of these, best first."""
+    best = _top(scores, k)
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return list(zip(scores[best].tolist(), rows[best].tolist()))
 
 
 def empty_growing(dim: int, backend: Backend, spec: FilterSpec, capacity: int = 256) -> Segment:

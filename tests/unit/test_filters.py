@@ -316,6 +316,25 @@ def test_the_planner_reads_matching_rows_back_when_that_costs_less_than_the_prob
         shards.close()
 
 
+def test_a_flat_segment_scores_all_rows_or_gathers_the_few_alike(monkeypatch):
+    """Many matching rows of a flat segment are scored by one pass over all rows; the top k is the same."""
+    from indexer.store import segments
+
+    shards = built("growing", records(60, seed=8))
+    try:
+        segment = shards.view.shards[("products", "top")].growing
+        query = unit_vectors(1, seed=9)[0]
+        for rows in (np.arange(segment.count), np.arange(0, segment.count, 3)):
+            monkeypatch.setattr(segments, "DENSE_SHARE", 10**9)  # every share: one pass over all rows
+            dense = segment.search_rows(query, rows, 5)
+            monkeypatch.setattr(segments, "DENSE_SHARE", 0)  # none: the rows gathered
+            assert segment.search_rows(query, rows, 5) == dense
+            scores = segment.vectors[rows] @ query
+            assert [r for _, r in dense] == rows[np.argsort(-scores, kind="stable")[:5]].tolist()
+    finally:
+        shards.close()
+
+
 def test_the_planner_knows_each_codec_s_read_back_cost():
     """A scalar-quantised row costs more to read back, so fewer matching rows are scored exactly."""
     import faiss
