@@ -336,10 +336,10 @@ def test_a_flat_segment_scores_all_rows_or_gathers_the_few_alike(monkeypatch):
 
 
 def test_the_planner_knows_each_codec_s_read_back_cost():
-    """A scalar-quantised row costs more to read back, so fewer matching rows are scored exactly."""
+    """A scalar-quantised row, or a longer one, costs more to read back: fewer matching rows are scored exactly."""
     import faiss
 
-    from indexer.store.backends import CODECS, READ_BACK_COST, ivf_codec
+    from indexer.store.backends import CODECS, READ_BACK_COST, ivf_codec, read_back_cost
 
     for codec, (_, qtype) in CODECS.items():
         quantizer = faiss.IndexFlatIP(DIM)
@@ -349,6 +349,7 @@ def test_the_planner_knows_each_codec_s_read_back_cost():
             index = faiss.IndexIVFScalarQuantizer(quantizer, DIM, 4, qtype, faiss.METRIC_INNER_PRODUCT)
         assert ivf_codec(index) == codec
         assert READ_BACK_COST[codec] >= READ_BACK_COST["float32"] == 1.0
+        assert read_back_cost(codec, 128) == READ_BACK_COST[codec] < read_back_cost(codec, 1280)
 
 
 def test_an_exact_pass_over_many_rows_reads_them_a_block_at_a_time(monkeypatch):
