@@ -76,6 +76,11 @@ def attributes(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.random(n), rng.integers(BRANDS, size=n)
 
 
+def workload(n: int, dim: int, queries_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The rows, the queries, and each row's price and brand: the same for every run of a size."""
+    return embeddings(n, dim, seed=1), embeddings(queries_n, dim, seed=2), *attributes(n)
+
+
 def insert(
     shards: ShardSet, vectors: np.ndarray, prices: np.ndarray, brands: np.ndarray, batch: int = 2000, start: int = 0
 ) -> None:
@@ -189,9 +194,7 @@ def measure(n: int, dim: int, codec: str, queries_n: int, queue, keep: Path | No
     from indexer.store.checkpoint import load_latest, write_checkpoint
     from indexer.store.shards import release_freed_memory
 
-    base = embeddings(n, dim, seed=1)
-    queries = embeddings(queries_n, dim, seed=2)
-    prices, brands = attributes(n)
+    base, queries, prices, brands = workload(n, dim, queries_n)
     gc.collect()
     release_freed_memory()
     before = rss_mb()
@@ -242,9 +245,7 @@ def requery(n: int, dim: int, codec: str, queries_n: int, kept: Path, queue) -> 
     to the query path, the hours of inserts and builds need not be spent again)."""
     from indexer.store.checkpoint import load_latest
 
-    base = embeddings(n, dim, seed=1)
-    queries = embeddings(queries_n, dim, seed=2)
-    prices, _ = attributes(n)
+    base, queries, prices, _ = workload(n, dim, queries_n)
     settings = ShardSettings(vectors={"products": codec})
     started = time.perf_counter()
     _, shards = load_latest(kept / f"{n}x{dim}-{codec}", {**GENERATION, "dim": dim}, settings)
@@ -271,9 +272,7 @@ def bulk_load(n: int, dim: int, batch: int = 2000, switch_interval_ms: float | N
     from indexer.interpreter import serve_from_this_process
     from indexer.store.shards import one_openmp_thread
 
-    base = embeddings(n, dim, seed=1)
-    queries = embeddings(200, dim, seed=2)
-    prices, brands = attributes(n)
+    base, queries, prices, brands = workload(n, dim, 200)
     if switch_interval_ms is None:
         switch_interval_ms = ApiSettings().switch_interval_ms
     serve_from_this_process(switch_interval_ms)

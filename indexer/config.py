@@ -224,7 +224,7 @@ class ShardSettings(BaseModel):
     # scanning the lists its search would probe, one row read back from IVF-Flat costing as much as this
     # many rows scanned (measured at 1M x 128, one thread: 0.7 us against 14 ns a row scanned past the
     # selector, more where it matches; float16 and sq8 rows cost 3.4 and 3.1 times as much to read back,
-    # indexer/store/backends.py READ_BACK_COST; 0: never).
+    # and longer rows more: indexer/store/backends.py read_back_cost; 0: never).
     filter_exact_row_cost: float = Field(50.0, ge=0)
 
     @model_validator(mode="after")
