@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -146,8 +147,10 @@ class IndexingConsumer:
         self.assigned = threading.Event()
         #: (topic, partition) -> messages not yet applied, replaced whole after each poll
         self.lag: dict[tuple[str, int], int] = {}
-        #: seconds since the last heartbeat to the group coordinator: grows while the broker is away
-        self.heartbeat_age_s: float | None = None
+        #: the live client's "last-heartbeat-seconds-ago" metric, and the monotonic time of the
+        #: last heartbeat a poll saw (what is left to go by while no client is up)
+        self._heartbeat_metric = None
+        self._last_heartbeat: float | None = None
         self._stop = threading.Event()
         self._checkpoint_requests: queue.SimpleQueue[Future] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -162,6 +165,21 @@ class IndexingConsumer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    @property
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the last heartbeat to the group: grows while the broker is away.
+
+        Read live from the client's metric (its heartbeats go on during a long
+        batch); while the loop is down and rebuilding its client, counted from
+        the last heartbeat a poll saw, so it grows then too.
+        """
+        metric = self._heartbeat_metric
+        if metric is not None:
+            age = metric.value()
+            if age < 1e9:  # before any heartbeat it counts from the epoch
+                return age
+        return None if self._last_heartbeat is None else time.monotonic() - self._last_heartbeat
 
     @property
     def running(self) -> bool:
@@ -250,6 +268,7 @@ class IndexingConsumer:
             if self.checkpointer is not None and consumer.assignment():
                 self.checkpoint_and_commit(consumer)
         finally:
+            self._heartbeat_metric = None  # a closed client's heartbeats no longer count
             consumer.close(autocommit=False)
             producer.close(timeout=5)
 
@@ -275,7 +294,11 @@ class IndexingConsumer:
     def _after_poll(self, consumer: KafkaConsumer) -> None:
         """A poll returned: the loop works. Refresh what /readyz and /metrics read."""
         self.health.succeeded("loop")  # a failing batch keeps its own streak
-        self.heartbeat_age_s = _heartbeat_age(consumer)
+        if self._heartbeat_metric is None:
+            self._heartbeat_metric = _heartbeat_metric(consumer)
+        age = self.heartbeat_age_s
+        if age is not None:
+            self._last_heartbeat = time.monotonic() - age
         if consumer.assignment():
             self.assigned.set()
             self.lag = self._lag(consumer)
@@ -464,10 +487,9 @@ def _partition(name: str) -> TopicPartition:
     return TopicPartition(topic, int(partition))
 
 
-def _heartbeat_age(consumer: KafkaConsumer) -> float | None:
-    """kafka-python's 'last-heartbeat-seconds-ago' metric, or None before the first heartbeat."""
+def _heartbeat_metric(consumer: KafkaConsumer):
+    """kafka-python's live 'last-heartbeat-seconds-ago' metric, or None where the client has none."""
     for name, metric in (consumer.metrics(raw=True) or {}).items():
         if name.name == "last-heartbeat-seconds-ago":
-            value = metric.value()
-            return value if value < 1e9 else None  # before any heartbeat it counts from the epoch
+            return metric
     return None

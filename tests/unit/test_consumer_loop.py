@@ -105,6 +105,58 @@ def test_a_loop_that_cannot_recover_gives_up_and_says_why(fake_kafka):
     assert consumer.health.problems(waiting=0) == [consumer.health.gave_up]
 
 
+class HeartbeatMetric:
+    """kafka-python's 'last-heartbeat-seconds-ago': computed when read."""
+
+    def __init__(self) -> None:
+        self.last_send = time.monotonic()
+
+    def value(self) -> float:
+        return time.monotonic() - self.last_send
+
+
+class LosesTheBroker(FakeConsumer):
+    """The first client polls with fresh heartbeats, then its poll fails; the next hangs in its bootstrap."""
+
+    reconnect = threading.Event()
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        if FakeConsumer.created > 1:
+            LosesTheBroker.reconnect.wait()  # as kafka-python's bootstrap waits for a broker that is away
+        self.heartbeat = HeartbeatMetric()
+
+    def poll(self, timeout_ms: int):
+        self.heartbeat.last_send = time.monotonic()
+        if FakeConsumer.polls >= 5:
+            raise ConnectionError("coordinator dead")
+        return super().poll(timeout_ms)
+
+    def metrics(self, raw=False):
+        return {type("Name", (), {"name": "last-heartbeat-seconds-ago"})(): self.heartbeat}
+
+
+def test_the_heartbeat_age_grows_while_the_loop_rebuilds_its_client(monkeypatch):
+    """CI saw /readyz stay 200 through a broker outage: the age was read at the last poll, and none came."""
+    monkeypatch.setattr(indexing, "KafkaConsumer", LosesTheBroker)
+    monkeypatch.setattr(indexing, "KafkaProducer", FakeProducer)
+    FakeConsumer.polls = FakeConsumer.created = FakeConsumer.fail_polls = 0
+    LosesTheBroker.reconnect.clear()
+    consumer = consumer_with(IngestSettings(retry_backoff_s=0.01, unready_after_failures=5))
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: FakeConsumer.created == 2)
+        time.sleep(0.3)
+        assert consumer.heartbeat_age_s >= 0.3
+        assert consumer.health.consecutive_failures == 1  # too few to say so: the heartbeat must
+    finally:
+        stop.set()
+        LosesTheBroker.reconnect.set()
+        thread.join()
+
+
 def test_unready_after_consecutive_failures_and_when_stalled():
     from consumers.health import ConsumerHealth
 
