@@ -157,6 +157,7 @@ def query_figures(shards: ShardSet, base: np.ndarray, queries: np.ndarray, price
         )
     out["unfiltered"]["faiss_alone"] = raw_latency
     if sealed.kind == "ivf":
+        out["unfiltered"]["nprobe"] = sealed.search_params.nprobe  # what the build tuned
         out["unfiltered"]["nprobe_sweep"] = nprobe_sweep(sealed, queries, exact)
     out["filtered"] = []
     index_only = shards.settings.model_copy(update={"filter_exact_row_cost": 0})
@@ -251,10 +252,27 @@ def requery(n: int, dim: int, codec: str, queries_n: int, kept: Path, queue) -> 
     _, shards = load_latest(kept / f"{n}x{dim}-{codec}", {**GENERATION, "dim": dim}, settings)
     shards.search(queries[0], 10, "products")
     out = {"restart_s": round(time.perf_counter() - started, 1), "restored_records": shards.records("products")}
+    out.update(tune_untuned(shards, settings))
     out.update(query_figures(shards, base, queries, prices, codec))
     out["queries_from_checkpoint"] = True
     shards.close()
     queue.put(out)
+
+
+def tune_untuned(shards: ShardSet, settings: ShardSettings) -> dict:
+    """Tune the IVF lists probed of a checkpoint written before builds tuned them, as a build now does."""
+    from indexer.store.backends import ivf_nprobe, tuned_nprobe
+    from indexer.store.segments import RowSource
+
+    (sealed,) = shards.view.shards[("products", "top")].sealed
+    if sealed.kind != "ivf" or sealed.index.nprobe > 1:
+        return {}
+    started = time.perf_counter()
+    rows = RowSource.of_segments([(sealed, np.arange(sealed.count))], sealed.dim)
+    ceiling = ivf_nprobe(sealed.index.nlist, settings)
+    nprobe = tuned_nprobe(sealed.index, rows, ceiling, settings.ivf_target_recall, np.random.default_rng(0))
+    sealed.index.nprobe = sealed.search_params.nprobe = nprobe
+    return {"nprobe_tuned_after_restart_s": round(time.perf_counter() - started, 1)}
 
 
 def bulk_load(n: int, dim: int, batch: int = 2000, switch_interval_ms: float | None = None) -> dict:

@@ -432,11 +432,19 @@ vectors; metadata: the store's columns and blobs per row, filter columns include
     if swept:
         page.add(
             """
-IVF lists probed (`nprobe`) against recall: FAISS alone over the settled index, unfiltered, one thread
-(the store probes `shards.ivf_nprobe_fraction`, 1/16 of the lists)."""
+IVF lists probed (`nprobe`) against recall: FAISS alone over the settled index, unfiltered, one thread.
+A build probes the fewest lists, up to `shards.ivf_nprobe_fraction` (1/16) of them, that reach
+`shards.ivf_target_recall` (0.98) on its own rows (marked "store"; none marked: a run from before builds
+tuned it, which probed 1/16)."""
         )
         rows = [
-            [_size(r["n"], r["dim"]), r["codec"], f"{p['nprobe']} of {p['nlist']:,}", _ms(p), p["recall_at_10"]]
+            [
+                _size(r["n"], r["dim"]),
+                r["codec"],
+                f"{p['nprobe']} of {p['nlist']:,}" + (" (store)" * (p["nprobe"] == r["unfiltered"].get("nprobe"))),
+                _ms(p),
+                p["recall_at_10"],
+            ]
             for r in swept
             for p in r["unfiltered"]["nprobe_sweep"]
         ]

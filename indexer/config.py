@@ -196,8 +196,12 @@ class ShardSettings(BaseModel):
     hnsw_ef_construction: int = Field(64, ge=1)
     # HNSW candidates kept while searching: more gives better recall and slower queries.
     hnsw_ef_search: int = Field(128, ge=1)
-    # IVF lists searched per query, as a share of the lists (never fewer than 8).
+    # The most IVF lists searched per query, as a share of the lists (never fewer than 8).
     ivf_nprobe_fraction: float = Field(1 / 16, gt=0, le=1)
+    # Each IVF build probes the fewest lists (up to ivf_nprobe_fraction of them) whose recall@10 on a
+    # sample of its own rows reaches this; a share of the lists costs more the larger the segment while
+    # the recall it buys does not (indexer/store/backends.py tuned_nprobe). 1: always the share.
+    ivf_target_recall: float = Field(0.98, gt=0, le=1)
     # While a shard's flush runs, new rows wait in its growing segment, searched exactly. Once one
     # holds this many times growing_max_rows, the consumer stops fetching until the flush is in, so
     # that a bulk load slows ingest rather than every query (0: never wait).

@@ -131,7 +131,7 @@ def test_a_checkpoint_written_on_one_backend_loads_on_any(tmp_path, torch_backen
     ("settings", "kind"),
     [
         (ShardSettings(seal_min_rows=100, hnsw_max_rows=1_000, hnsw_ef_search=40), "hnsw"),
-        (ShardSettings(seal_min_rows=100, hnsw_max_rows=100, ivf_nprobe_fraction=0.5), "ivf"),
+        (ShardSettings(seal_min_rows=100, hnsw_max_rows=100, ivf_nprobe_fraction=0.5, ivf_target_recall=1), "ivf"),
     ],
 )
 def test_a_restored_index_is_searched_with_the_parameters_it_was_built_with(tmp_path, settings, kind):
@@ -350,3 +350,21 @@ def test_several_sealed_segments_round_trip_and_a_format_2_checkpoint_still_load
     assert restored.search(data[55], 1, "products")[0].id == "p55"
     restored.close()
     shards.close()
+
+
+def test_an_ivf_index_keeps_its_tuned_lists_and_one_written_before_tuning_probes_the_share(tmp_path):
+    settings = ShardSettings(seal_min_rows=100, hnsw_max_rows=100, ivf_nprobe_fraction=0.5)
+    shards = ShardSet(DIM, settings)
+    fill(shards, unit_vectors(400), batch=400)
+    shards.wait_for_rebuilds(timeout=60)
+    (built,) = shards.view.shards[("products", "top")].sealed
+    write_checkpoint(tmp_path / "tuned", shards.view, {}, {}, GENERATION)
+    built.index.nprobe = 1  # what FAISS writes for an index whose build set no nprobe
+    write_checkpoint(tmp_path / "before", shards.view, {}, {}, GENERATION)
+    shards.close()
+    ceiling = built.index.nlist // 2
+    for name, nprobe in (("tuned", built.search_params.nprobe), ("before", ceiling)):
+        _, restored = load_latest(tmp_path / name, GENERATION, settings)
+        (loaded,) = restored.view.shards[("products", "top")].sealed
+        assert loaded.search_params.nprobe == nprobe <= ceiling
+        restored.close()

@@ -38,13 +38,23 @@ SIZES = ["S", "s", "M", "m", "L", "XL", 3, True, None, ["M"], {"size": "M"}]
 COLOURS = ["red", "Red", "white", "blue", None]
 #: sealed into IVF segments from 20 rows on, every list probed (the two IVF paths below)
 IVF_PATH = ShardSettings(
-    seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=20, ivf_nprobe_fraction=1.0, filter_exact_max_rows=0
+    seal_min_rows=20,
+    growing_max_rows=10,
+    hnsw_max_rows=20,
+    ivf_nprobe_fraction=1.0,
+    ivf_target_recall=1.0,
+    filter_exact_max_rows=0,
 )
 PATHS = {
     "growing": ShardSettings(seal_min_rows=10_000),
     # interim IVF segments probed exhaustively too: at 1/16 of 19 lists an unfiltered query missed a row
     "sealed-exact": ShardSettings(
-        seal_min_rows=20, growing_max_rows=10, hnsw_max_rows=1_000, hnsw_m=8, ivf_nprobe_fraction=1.0
+        seal_min_rows=20,
+        growing_max_rows=10,
+        hnsw_max_rows=1_000,
+        hnsw_m=8,
+        ivf_nprobe_fraction=1.0,
+        ivf_target_recall=1.0,
     ),
     # the first segment HNSW, later flushes interim IVF segments (searched exhaustively here)
     "hnsw-selector": ShardSettings(
@@ -54,6 +64,7 @@ PATHS = {
         hnsw_m=8,
         filter_exact_max_rows=0,
         ivf_nprobe_fraction=1.0,
+        ivf_target_recall=1.0,
         filter_exact_row_cost=0,
     ),
     "ivf-selector": IVF_PATH.model_copy(update={"filter_exact_row_cost": 0}),

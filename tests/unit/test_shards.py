@@ -2,6 +2,7 @@ import os
 import threading
 import time
 
+import faiss
 import numpy as np
 import pytest
 
@@ -468,3 +469,37 @@ def test_writes_made_while_segments_merge_stay_correct_after_the_swap(monkeypatc
     assert shards.records("products") == 350
     assert_deleted_rewritten_and_kept(shards, data, rewritten_at=600, kept_until=400)
     shards.close()
+
+
+def low_dimensional(n: int, dim: int, seed: int) -> np.ndarray:
+    """Rows of low intrinsic dimension, as embeddings are: a random nonlinear map of an 8-d Gaussian."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99)
+    hidden = np.tanh(rng.standard_normal((n, 8)) @ mix.standard_normal((8, 64)))
+    x = (hidden @ mix.standard_normal((64, dim))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("target", [0.9, 0.98])
+def test_an_ivf_build_probes_the_fewest_lists_that_reach_the_target_recall(target):
+    """Measured on the segment's own rows; checked here on queries it never saw."""
+    settings = ShardSettings(ivf_target_recall=target)
+    rows = low_dimensional(40_000, 32, seed=0)
+    nlist = backends.ivf_nlist(len(rows))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(32), 32, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(rows)
+    index.add(rows)
+    ceiling = backends.ivf_nprobe(nlist, settings)
+    rng = np.random.default_rng(0)
+    nprobe = backends.tuned_nprobe(index, RowSource.of(rows), ceiling, target, rng)
+    queries = low_dimensional(300, 32, seed=1)
+    _, exact = faiss.knn(queries, rows, 10, metric=faiss.METRIC_INNER_PRODUCT)
+
+    def recall(probes: int) -> float:
+        _, found = index.search(queries, 10, params=faiss.SearchParametersIVF(nprobe=probes))
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
+
+    assert backends.MIN_NPROBE <= nprobe < ceiling
+    assert recall(nprobe) >= target - 0.02
+    assert nprobe == backends.MIN_NPROBE or recall(nprobe // 2) < target + 0.02
+    assert backends.tuned_nprobe(index, RowSource.of(rows), ceiling, 1.0, rng) == ceiling
