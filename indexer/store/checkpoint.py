@@ -295,8 +295,10 @@ def _states(
             dead = _npy_load(read(f"{name}.dead.npy"))
             keys, arrays = _npz_load(read(f"{name}.npz"))
             rows = _sealed_rows(kind, name, read, path, sums)
+            columns = Columns.from_arrays(arrays, codes, lists_coded)
+            columns.index_ranges(len(keys))
             segment = Segment(
-                kind, keys, np.where(dead, 0, NEVER).astype(np.int64), Columns.from_arrays(arrays, codes, lists_coded),
+                kind, keys, np.where(dead, 0, NEVER).astype(np.int64), columns,
                 len(keys), int(dead.sum()), backend=stored, by_record=True, **rows,
             )  # fmt: skip
             sealed.append(segment)
@@ -347,6 +349,7 @@ def _states_of_format_1(
         if "sealed" in entry:
             dead = _npy_load(read(f"{n}.sealed.dead.npy"))
             sealed_keys, columns = columns_of(f"{n}.sealed.meta")
+            columns.index_ranges(len(sealed_keys))
             rows = _sealed_rows(entry["sealed"], f"{n}.sealed", read, path, sums)
             segment = Segment(
                 entry["sealed"], sealed_keys, np.where(dead, 0, NEVER).astype(np.int64), columns,

@@ -197,8 +197,9 @@ def growing_from(vectors: np.ndarray, keys: np.ndarray, columns: Columns, capaci
 
 
 def built_segment(keys: np.ndarray, columns: Columns, kind: str, backend: Backend, **rows: Any) -> Segment:
-    """A newly built segment: every row live, holding copies of the keys and metadata it was built from."""
+    """A newly built (sealed) segment: every row live, holding copies of the keys and metadata it was built from."""
     n = len(keys)
+    columns.index_ranges(n)
     return Segment(kind, keys.copy(), np.full(n, NEVER, np.int64), columns, n, 0, backend=backend, **rows)
 
 

@@ -18,12 +18,15 @@ from hypothesis import strategies as st
 
 from indexer.config import ShardSettings
 from indexer.search import facets
+from indexer.store import columns as columns_module
+from indexer.store.checkpoint import load_latest, write_checkpoint
 from indexer.store.columns import (
     MAX_KEYWORD_ELEMENTS,
     MISSING,
     Codes,
     Columns,
     FilterSpec,
+    RangeIndex,
     compile_filter,
     keyword_value,
 )
@@ -190,6 +193,42 @@ def test_a_filtered_search_is_the_exact_filtered_top_k(path, n, seed, k, keyword
             assert counted[name] == expected
     finally:
         shards.close()
+
+
+bounds = st.one_of(st.floats(-2, 12, allow_nan=False), st.sampled_from([-math.inf, math.inf, 0.0, 5.0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.one_of(st.integers(0, 10).map(float), st.just(math.nan)), max_size=60),
+    low=bounds,
+    high=bounds,
+)
+def test_a_range_index_marks_exactly_the_rows_a_comparison_does(values, low, high):
+    column = np.array(values, np.float64)
+    mask = RangeIndex.of(column).rows_within(low, high)
+    if mask is not None:  # None: the range holds too many rows, and they are compared instead
+        assert mask.tolist() == ((column >= low) & (column <= high)).tolist()
+
+
+def test_sealed_segments_find_narrow_ranges_through_their_range_index(monkeypatch, tmp_path):
+    """Built and restored: a price range matching a few rows is found through the index, the same rows as before."""
+    monkeypatch.setattr(columns_module, "RANGE_INDEX_MIN_ROWS", 50)
+    ups = records(300, seed=5)
+    shards = built("sealed-exact", ups)
+    write_checkpoint(tmp_path, shards.view, {}, {}, {"encoder": "test", "dim": DIM})
+    shards.close()
+    _, restored = load_latest(tmp_path, {"encoder": "test", "dim": DIM}, PATHS["sealed-exact"])
+    try:
+        indexed = [s for state in restored.view.shards.values() for s in state.sealed if s.columns.ranges]
+        assert indexed and all(s.columns.ranges["num.price"].count == s.count for s in indexed)
+        query = unit_vectors(1, seed=9)[0]
+        for ranges in ({"price": (10, 12)}, {"price": (99, math.inf)}, {"price": (-1, 80)}):
+            where = compile_filter(restored.codes, {}, ranges)
+            hits = restored.search(query, 5, "products", where=where)
+            assert [h.id for h in hits] == expected_ids(ups, query, 5, {}, ranges)
+    finally:
+        restored.close()
 
 
 @pytest.mark.parametrize("path", list(PATHS))
