@@ -456,7 +456,8 @@ tuned it, which probed 1/16)."""
         page.add(
             "\\* queries measured again after a change to the query path, on the checkpoint the run kept"
             " (`filters_bench --requery DIR`): restart and query figures from then, insert, build and memory"
-            " from the run."
+            " from the run. A checkpoint written before builds tuned the IVF lists probed was tuned after"
+            " its restart, as a build now does (not counted in the restart)."
         )
     bulk = _load(page.results, "filters-bulk-load")
     if bulk:
