@@ -123,6 +123,7 @@ def recall(found: list[list[int]], exact: list[set[int]]) -> float:
 
 def nprobe_sweep(sealed, queries: np.ndarray, exact: list[set[int]]) -> list[dict]:
     """FAISS alone over the settled IVF segment at other nprobe values: what recall each costs at this size."""
+    from indexer.store.backends import ivf_search_params
     from indexer.store.shards import one_openmp_thread
 
     def record_numbers(rows: np.ndarray) -> list[int]:
@@ -131,7 +132,7 @@ def nprobe_sweep(sealed, queries: np.ndarray, exact: list[set[int]]) -> list[dic
     nlist = faiss.extract_index_ivf(sealed.index).nlist
     out = []
     for nprobe in sorted({p for p in (16, 32, 64, 128, 256, 512, nlist // 16) if p <= nlist}):
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        params = ivf_search_params(sealed.index, nprobe)
         with one_openmp_thread():
             rows, latency = timed_queries(lambda q, p=params: sealed.index.search(q[None], 10, params=p)[1][0], queries)
         found = [record_numbers(r) for r in rows]
@@ -143,6 +144,7 @@ def nprobe_sweep(sealed, queries: np.ndarray, exact: list[set[int]]) -> list[dic
 def query_figures(shards: ShardSet, base: np.ndarray, queries: np.ndarray, prices: np.ndarray, codec: str) -> dict:
     """Unfiltered and filtered queries over a settled store: latency, recall@10, FAISS alone beside it."""
     from indexer.search import Where, search_vector
+    from indexer.store.backends import probed_lists
     from indexer.store.shards import one_openmp_thread
 
     out: dict = {}
@@ -157,7 +159,7 @@ def query_figures(shards: ShardSet, base: np.ndarray, queries: np.ndarray, price
         )
     out["unfiltered"]["faiss_alone"] = raw_latency
     if sealed.kind == "ivf":
-        out["unfiltered"]["nprobe"] = sealed.search_params.nprobe  # what the build tuned
+        out["unfiltered"]["nprobe"] = probed_lists(sealed.index, shards.settings)  # what the build tuned
         out["unfiltered"]["nprobe_sweep"] = nprobe_sweep(sealed, queries, exact)
     out["filtered"] = []
     index_only = shards.settings.model_copy(update={"filter_exact_row_cost": 0})
@@ -220,7 +222,7 @@ def measure(n: int, dim: int, codec: str, queries_n: int, queue, keep: Path | No
         "insert_per_s": round(n / inserted_s),
         "insert_and_settle_s": round(settled_s, 1),
         "rss_bytes_per_record": round(store_mb * 2**20 / n),
-        "vector_bytes_per_record": int(dim * CODECS[codec][0]),
+        "vector_bytes_per_record": int(CODECS[codec].vector_bytes(dim)),
         "metadata_bytes_per_row": round(size["metadata_bytes"] / size["vectors"], 1),
     }
     out.update(query_figures(shards, base, queries, prices, codec))
@@ -265,13 +267,15 @@ def tune_untuned(shards: ShardSet, settings: ShardSettings) -> dict:
     from indexer.store.segments import RowSource
 
     (sealed,) = shards.view.shards[("products", "top")].sealed
-    if sealed.kind != "ivf" or sealed.index.nprobe > 1:
+    if sealed.kind != "ivf" or faiss.extract_index_ivf(sealed.index).nprobe > 1:
         return {}
     started = time.perf_counter()
     rows = RowSource.of_segments([(sealed, np.arange(sealed.count))], sealed.dim)
-    ceiling = ivf_nprobe(sealed.index.nlist, settings)
-    nprobe = tuned_nprobe(sealed.index, rows, ceiling, settings.ivf_target_recall, np.random.default_rng(0))
-    sealed.index.nprobe = sealed.search_params.nprobe = nprobe
+    ivf = faiss.extract_index_ivf(sealed.index)
+    ivf.nprobe = tuned_nprobe(
+        sealed.index, rows, ivf_nprobe(ivf.nlist, settings), settings.ivf_target_recall, np.random.default_rng(0)
+    )
+    sealed.search_params.nprobe = ivf.nprobe  # plain IVF: PQ indexes were always tuned by their build
     return {"nprobe_tuned_after_restart_s": round(time.perf_counter() - started, 1)}
 
 
@@ -427,7 +431,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=("quick", "full"), default="quick")
     parser.add_argument("--sizes", nargs="+", help="NxDIM, e.g. 10000000x128")
-    parser.add_argument("--codecs", nargs="+", default=["float32", "float16", "sq8"])
+    parser.add_argument("--codecs", nargs="+", choices=list(CODECS), default=["float32", "float16", "sq8"])
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--restart-only", type=int, metavar="N", help="only the restart of N rows (x 128)")
     parser.add_argument("--bulk-load", type=int, metavar="N", help="only query latency during a load of N rows")

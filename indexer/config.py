@@ -212,8 +212,13 @@ class ShardSettings(BaseModel):
     #: (indexer/store/backends.py)
     backend: Literal["auto", "cpu", "torch-cuda"] = "auto"
     # How a sealed index stores each vector, per collection (others: float32): "float16" halves the
-    # memory of the vectors, "sq8" quarters it (8-bit scalar quantisation); see docs/benchmarks.md.
-    vectors: dict[Literal["products", "posts"], Literal["float32", "float16", "sq8"]] = {}
+    # memory of the vectors, "sq8" quarters it (8-bit scalar quantisation). "+pq" adds 4-bit PQ codes
+    # to IVF segments (dim / 4 bytes a row at 128-d, dim / 8 at 1280-d): a search scans those, then
+    # re-ranks the best on the stored vectors, about twice as fast at the same recall; see
+    # docs/benchmarks.md.
+    vectors: dict[
+        Literal["products", "posts"], Literal["float32", "float32+pq", "float16", "float16+pq", "sq8", "sq8+pq"]
+    ] = {}
     # Attributes indexed for filters inside the search: keyword ones match one of some values
     # (case-folded; true/false for booleans; a list by any of its values), numeric ones a range.
     # Each costs 4 (keyword) or 8 (numeric) bytes a row. Filters on other attributes are refused
@@ -228,7 +233,7 @@ class ShardSettings(BaseModel):
     # scanning the lists its search would probe, one row read back from IVF-Flat costing as much as this
     # many rows scanned (measured at 1M x 128, one thread: 0.7 us against 14 ns a row scanned past the
     # selector, more where it matches; float16 and sq8 rows cost 3.4 and 3.1 times as much to read back,
-    # and longer rows more: indexer/store/backends.py read_back_cost; 0: never).
+    # float32+pq rows 0.2, and longer rows more: indexer/store/backends.py read_back_cost; 0: never).
     filter_exact_row_cost: float = Field(50.0, ge=0)
 
     @model_validator(mode="after")

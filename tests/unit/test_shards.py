@@ -503,3 +503,53 @@ def test_an_ivf_build_probes_the_fewest_lists_that_reach_the_target_recall(targe
     assert recall(nprobe) >= target - 0.02
     assert nprobe == backends.MIN_NPROBE or recall(nprobe // 2) < target + 0.02
     assert backends.tuned_nprobe(index, RowSource.of(rows), ceiling, 1.0, rng) == ceiling
+
+
+@pytest.mark.parametrize("codec", list(backends.CODECS))
+def test_every_vector_codec_seals_filters_rebuilds_and_restores(tmp_path, codec):
+    """IVF segments of each ``shards.vectors`` codec: found, filtered inside the index, rebuilt, checkpointed."""
+    from indexer.store.checkpoint import load_latest, write_checkpoint
+
+    dim = 32
+    settings = ShardSettings(
+        seal_min_rows=100,
+        growing_max_rows=10_000,
+        hnsw_max_rows=100,
+        rebuild_min_dead=100,
+        vectors={"products": codec},
+        filter_exact_max_rows=0,  # filters go through the index's selector
+        filter_exact_row_cost=0,
+    )
+    data = low_dimensional(2_000, dim, seed=3)
+    shards = ShardSet(dim, settings)
+    shards.apply([upsert(f"p{i}", [data[i]], attrs={"brand": "ab"[i % 2]}) for i in range(2_000)])
+    shards.wait_for_rebuilds(timeout=120)
+    (sealed,) = shards.view.shards[("products", "top")].sealed
+    assert sealed.count == 2_000 and sealed.kind == "ivf" and backends.ivf_codec(sealed.index) == codec
+    assert isinstance(sealed.index, faiss.IndexRefine) == backends.CODECS[codec].pq
+    assert sum(shards.search(data[i], 1, "products")[0].id == f"p{i}" for i in range(0, 2_000, 10)) >= 190
+
+    b = compile_filter(shards.codes, {"brand": ["b"]}, {})
+    for i in range(1, 400, 20):
+        hits = shards.search(data[i], 5, "products", where=b)
+        assert len(hits) == 5 and hits[0].id == f"p{i}" and all(int(h.id[1:]) % 2 for h in hits)
+
+    shards.apply([Delete("products", f"p{i}", 0) for i in range(0, 2_000, 4)])  # 500 dead: a rebuild
+    shards.apply([])
+    shards.wait_for_rebuilds(timeout=120)
+    (rebuilt,) = shards.view.shards[("products", "top")].sealed
+    assert rebuilt is not sealed and rebuilt.count == 1_500 and backends.ivf_codec(rebuilt.index) == codec
+    kept = [i for i in range(1, 2_000, 7) if i % 4]
+    assert sum(shards.search(data[i], 1, "products")[0].id == f"p{i}" for i in kept) >= 0.95 * len(kept)
+    assert all(h.id != "p0" for h in shards.search(data[0], 3, "products"))
+
+    write_checkpoint(tmp_path, shards.view, {}, {}, {"encoder": "test", "version": "1", "dim": dim})
+    _, restored = load_latest(tmp_path, {"encoder": "test", "version": "1", "dim": dim}, settings)
+    (loaded,) = restored.view.shards[("products", "top")].sealed
+    assert backends.probed_lists(loaded.index, settings) == backends.probed_lists(rebuilt.index, settings)
+    for i in kept[:20]:
+        assert [h.id for h in restored.search(data[i], 5, "products", where=b)] == [
+            h.id for h in shards.search(data[i], 5, "products", where=b)
+        ]
+    shards.close()
+    restored.close()
