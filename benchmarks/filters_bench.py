@@ -263,7 +263,7 @@ def requery(n: int, dim: int, codec: str, queries_n: int, kept: Path, queue) -> 
 
 def tune_untuned(shards: ShardSet, settings: ShardSettings) -> dict:
     """Tune the IVF lists probed of a checkpoint written before builds tuned them, as a build now does."""
-    from indexer.store.backends import ivf_nprobe, tuned_nprobe
+    from indexer.store.backends import OwnNeighbours, ivf_nprobe, tuned_nprobe
     from indexer.store.segments import RowSource
 
     (sealed,) = shards.view.shards[("products", "top")].sealed
@@ -272,9 +272,8 @@ def tune_untuned(shards: ShardSet, settings: ShardSettings) -> dict:
     started = time.perf_counter()
     rows = RowSource.of_segments([(sealed, np.arange(sealed.count))], sealed.dim)
     ivf = faiss.extract_index_ivf(sealed.index)
-    ivf.nprobe = tuned_nprobe(
-        sealed.index, rows, ivf_nprobe(ivf.nlist, settings), settings.ivf_target_recall, np.random.default_rng(0)
-    )
+    own = OwnNeighbours.of(rows, np.random.default_rng(0))
+    ivf.nprobe = tuned_nprobe(sealed.index, own, ivf_nprobe(ivf.nlist, settings), settings.ivf_target_recall)
     sealed.search_params.nprobe = ivf.nprobe  # plain IVF: PQ indexes were always tuned by their build
     return {"nprobe_tuned_after_restart_s": round(time.perf_counter() - started, 1)}
 

@@ -314,13 +314,17 @@ class FaissBackend(Backend):
             index.is_trained = True
         else:  # k-means unless the quantizer already holds centroids; the scalar quantizer's ranges, the PQ codebooks
             index.train(rows.take(_sample(rng, n, SQ_TRAIN_ROWS if reuse else 64 * nlist)))
+        ceiling = ivf_nprobe(nlist, settings)
+        tune = not interim and tuning_wanted(ceiling, settings.ivf_target_recall)
+        own = OwnNeighbours(rows, rng) if tune else None
         for block in rows.blocks():
             index.add(block)
+            if own is not None:
+                own.add(block)
         if not pq:  # a PQ index reads rows back from its flat refine index
             index.make_direct_map()  # for reconstruct() when the segment is rebuilt
         # FAISS keeps nprobe in the index file: a checkpoint keeps what was tuned here.
-        ceiling = ivf_nprobe(nlist, settings)
-        nprobe = ceiling if interim else tuned_nprobe(index, rows, ceiling, settings.ivf_target_recall, rng)
+        nprobe = tuned_nprobe(index, own, ceiling, settings.ivf_target_recall) if own is not None else ceiling
         faiss.extract_index_ivf(index).nprobe = nprobe
         params = search_params("ivf", index, settings)
         return built_segment(keys, columns, "ivf", self, index=index, search_params=params)
@@ -369,36 +373,66 @@ TUNING_QUERIES = 256
 TUNING_SLACK = 0.005
 
 
-def tuned_nprobe(index: Any, rows: RowSource, ceiling: int, target: float, rng: np.random.Generator) -> int:
+class OwnNeighbours:
+    """The exact nearest rows of ``TUNING_QUERIES`` of a segment's own rows, each row left out of its own answer.
+
+    Gathered from the blocks an IVF build adds (:meth:`add`), so that tuning
+    does not read the segment a second time: at 10M x 128, reading an sq8
+    segment back took most of the 75 s that tuning took on its own.
+    """
+
+    K = 10
+
+    def __init__(self, rows: RowSource, rng: np.random.Generator) -> None:
+        self.positions = _sample(rng, len(rows), TUNING_QUERIES)
+        self.queries = rows.take(self.positions)
+        self._heap = faiss.ResultHeap(len(self.queries), self.K + 1, keep_max=True)
+        self._start = 0
+
+    @classmethod
+    def of(cls, rows: RowSource, rng: np.random.Generator) -> OwnNeighbours:
+        """Gathered in a pass of its own, for an index already built."""
+        own = cls(rows, rng)
+        for block in rows.blocks():
+            own.add(block)
+        return own
+
+    def add(self, block: np.ndarray) -> None:
+        """The next rows of the segment, in order."""
+        found_k = min(self.K + 1, len(block))
+        scores, found = faiss.knn(self.queries, block, found_k, metric=faiss.METRIC_INNER_PRODUCT)
+        self._heap.add_result(scores, np.where(found >= 0, found + self._start, -1))
+        self._start += len(block)
+
+    def exact(self) -> list[set[int]]:
+        self._heap.finalize()
+        return [set(row[row != q][: self.K].tolist()) for q, row in zip(self.positions, self._heap.I)]
+
+
+def tuning_wanted(ceiling: int, target: float) -> bool:
+    """Whether :func:`tuned_nprobe` would measure anything (a target of 1 always probes ``ceiling``)."""
+    return target < 1 and ceiling > MIN_NPROBE
+
+
+def tuned_nprobe(index: Any, own: OwnNeighbours, ceiling: int, target: float) -> int:
     """The fewest lists (``MIN_NPROBE`` doubled, up to ``ceiling``) whose recall@10 reaches ``target`` on this segment.
 
     A fixed share of the lists probes a share of the rows, so its cost grows
     with the segment while the lists recall needs barely do: with 4√n lists,
     256 give recall@10 0.988 at 1M x 128 and 0.983 at 10M, where 1/16 of the
     lists (790) cost 48 ms against 17 (docs/benchmarks.md). So each new IVF
-    segment measures it: ``TUNING_QUERIES`` of its own rows (the row itself
-    left out of its answers) are searched exactly, then with more lists until
-    the target is reached. Where even ``ceiling`` falls short (a quantised
-    codec's error, which more lists cannot undo), the fewest within
-    ``TUNING_SLACK`` of it. A target of 1 always probes ``ceiling``.
+    segment measures it: ``TUNING_QUERIES`` of its own rows (:class:`OwnNeighbours`)
+    are searched with more lists until the target is reached. Where even
+    ``ceiling`` falls short (a quantised codec's error, which more lists cannot
+    undo), the fewest within ``TUNING_SLACK`` of it.
     """
-    if target >= 1 or ceiling <= MIN_NPROBE:
+    if not tuning_wanted(ceiling, target):
         return ceiling
-    k = 10
-    positions = _sample(rng, len(rows), TUNING_QUERIES)
-    queries = rows.take(positions)
-    heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True)
-    start = 0
-    for block in rows.blocks():
-        scores, found = faiss.knn(queries, block, min(k + 1, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(scores, np.where(found >= 0, found + start, -1))
-        start += len(block)
-    heap.finalize()
-    exact = [set(row[row != q][:k].tolist()) for q, row in zip(positions, heap.I)]
+    k, exact = own.K, own.exact()
 
     def recall(nprobe: int) -> float:
-        _, found = index.search(queries, k + 1, params=ivf_search_params(index, nprobe))
-        hits = sum(len(truth & set(row[row != q][:k].tolist())) for q, row, truth in zip(positions, found, exact))
+        _, found = index.search(own.queries, k + 1, params=ivf_search_params(index, nprobe))
+        hits = sum(len(truth & set(row[row != q][:k].tolist())) for q, row, truth in zip(own.positions, found, exact))
         return hits / sum(len(truth) for truth in exact)
 
     ladder = [p for p in (MIN_NPROBE * 2**i for i in range(32)) if p < ceiling] + [ceiling]

@@ -491,7 +491,8 @@ def test_an_ivf_build_probes_the_fewest_lists_that_reach_the_target_recall(targe
     index.add(rows)
     ceiling = backends.ivf_nprobe(nlist, settings)
     rng = np.random.default_rng(0)
-    nprobe = backends.tuned_nprobe(index, RowSource.of(rows), ceiling, target, rng)
+    own = backends.OwnNeighbours.of(RowSource.of(rows), rng)
+    nprobe = backends.tuned_nprobe(index, own, ceiling, target)
     queries = low_dimensional(300, 32, seed=1)
     _, exact = faiss.knn(queries, rows, 10, metric=faiss.METRIC_INNER_PRODUCT)
 
@@ -502,7 +503,7 @@ def test_an_ivf_build_probes_the_fewest_lists_that_reach_the_target_recall(targe
     assert backends.MIN_NPROBE <= nprobe < ceiling
     assert recall(nprobe) >= target - 0.02
     assert nprobe == backends.MIN_NPROBE or recall(nprobe // 2) < target + 0.02
-    assert backends.tuned_nprobe(index, RowSource.of(rows), ceiling, 1.0, rng) == ceiling
+    assert backends.tuned_nprobe(index, own, ceiling, 1.0) == ceiling
 
 
 @pytest.mark.parametrize("codec", list(backends.CODECS))
