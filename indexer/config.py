@@ -214,7 +214,7 @@ class ShardSettings(BaseModel):
     # How a sealed index stores each vector, per collection (others: float32): "float16" halves the
     # memory of the vectors, "sq8" quarters it (8-bit scalar quantisation). "+pq" adds 4-bit PQ codes
     # to IVF segments (dim / 4 bytes a row at 128-d, dim / 8 at 1280-d): a search scans those, then
-    # re-ranks the best on the stored vectors, about twice as fast at the same recall; see
+    # re-ranks the best on the stored vectors: 2-5 times as fast at about the same recall; see
     # docs/benchmarks.md.
     vectors: dict[
         Literal["products", "posts"], Literal["float32", "float32+pq", "float16", "float16+pq", "sq8", "sq8+pq"]

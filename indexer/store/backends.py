@@ -128,11 +128,7 @@ def ivf_codec(index: Any) -> str:
 
 def ivf_search_params(index: Any, nprobe: int, sel: Any = None) -> Any:
     """Search parameters probing ``nprobe`` lists of an IVF index, PQ-refined or not, keeping rows ``sel`` allows."""
-    params = (
-        faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
-        if sel is not None
-        else faiss.SearchParametersIVF(nprobe=nprobe)
-    )
+    params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)  # faiss's wrapper keeps ``sel`` alive with it
     if isinstance(index, faiss.IndexRefine):
         return faiss.IndexRefineSearchParameters(k_factor=index.k_factor, base_index_params=params)
     return params
@@ -377,8 +373,8 @@ class OwnNeighbours:
     """The exact nearest rows of ``TUNING_QUERIES`` of a segment's own rows, each row left out of its own answer.
 
     Gathered from the blocks an IVF build adds (:meth:`add`), so that tuning
-    does not read the segment a second time: at 10M x 128, reading an sq8
-    segment back took most of the 75 s that tuning took on its own.
+    does not read the segment a second time (tuning a 10M x 128 float32
+    segment after a restart, which has to, took 75 s).
     """
 
     K = 10
