@@ -57,20 +57,25 @@ class Codec:
     ``hnsw_max_rows``) store ``storage`` alone.
     """
 
-    storage: str  # "float32", "float16" or "sq8"
+    storage: str  # a name of ``STORAGES``
     pq: bool = False
 
     @property
     def qtype(self) -> int | None:
         """FAISS's scalar quantizer for ``storage``; None for float32."""
-        return {"float32": None, "float16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}[
-            self.storage
-        ]
+        return STORAGES[self.storage][1]
 
     def vector_bytes(self, dim: int) -> float:
         """Bytes of one vector in an IVF segment (its stored form, and its PQ codes)."""
-        stored = {"float32": 4, "float16": 2, "sq8": 1}[self.storage] * dim
-        return stored + (pq_subquantizers(dim) / 2 if self.pq else 0)
+        return STORAGES[self.storage][0] * dim + (pq_subquantizers(dim) / 2 if self.pq else 0)
+
+
+#: How vectors can be stored: bytes per number, FAISS's scalar quantizer (None: float32), and its index_factory name.
+STORAGES: dict[str, tuple[int, int | None, str]] = {
+    "float32": (4, None, "Flat"),
+    "float16": (2, faiss.ScalarQuantizer.QT_fp16, "SQfp16"),
+    "sq8": (1, faiss.ScalarQuantizer.QT_8bit, "SQ8"),
+}
 
 
 CODECS: dict[str, Codec] = {
@@ -333,8 +338,7 @@ class FaissBackend(Backend):
 
 def ivf_pq_index(dim: int, nlist: int, codec: Codec) -> Any:
     """An untrained IVF index of 4-bit PQ codes (fast-scan) re-ranked on the vectors ``codec`` stores."""
-    storage = {"float32": "Flat", "float16": "SQfp16", "sq8": "SQ8"}[codec.storage]
-    factory = f"IVF{nlist},PQ{pq_subquantizers(dim)}x4fs,Refine({storage})"
+    factory = f"IVF{nlist},PQ{pq_subquantizers(dim)}x4fs,Refine({STORAGES[codec.storage][2]})"
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     index.k_factor = PQ_REFINE_FACTOR  # kept in the index file, like nprobe
     return index
