@@ -126,7 +126,7 @@ def main(
     settings = Settings.model_validate({"data_dir": str(data_dir)})
     if not (data_dir / "pairs" / "manifest.jsonl").exists():
         node = Node.create(settings, models_for("efficientnet-lite0", {}))
-        node.active.pipeline.observer = pairs.PairMiner(data_dir / "pairs", settings.pairs).observe
+        node.active.pipeline.observer = pairs.PairMiner(data_dir / "pairs", settings.pairs)
         product_events, post_events = split_events(work / "set" / "train")
         started = time.perf_counter()
         index(node, product_events)

@@ -244,8 +244,11 @@ def train(
         f"{len(held.anchors)} pairs, {len(held.gallery)} products"
         + (f"; {n_self} self pairs per epoch" if n_self else "")
     )
-    torch.manual_seed(options.seed)
     network = finetuned.build_network(options.base, options.dim, options.trained_blocks)
+    # The head's first weights come from the seed alone. Building the base draws from the same generator,
+    # but only the first time a process loads it (it is cached), so seeding before the build was not enough.
+    torch.manual_seed(options.seed)
+    network.head.reset_parameters()
     cache = FeatureCache(data_dir / "training" / "cache", network, threads, progress)
 
     def thumb(pid: str) -> bytes:

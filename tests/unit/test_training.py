@@ -74,6 +74,18 @@ def test_training_is_deterministic_resumable_and_loads_as_an_encoder(mined, tmp_
     assert encoder.version.startswith("efficientnet-lite0-")
 
 
+def test_the_heads_first_weights_come_from_the_seed_alone(mined, tmp_path):
+    """The first load of the base in a process draws from torch's generator; a later one does not."""
+    from plugins.builtin import efficientnet
+
+    options = TrainOptions(epochs=1, batch_size=8, views=2, heldout=0.3)
+    efficientnet.load_network.cache_clear()
+    first = train(mined, options, out=tmp_path / "a", progress=False, echo=lambda _: None)
+    shutil.rmtree(mined / "training" / "runs")
+    again = train(mined, options, out=tmp_path / "b", progress=False, echo=lambda _: None)  # the base is cached now
+    assert json.loads((first.path / "config.json").read_text()) == json.loads((again.path / "config.json").read_text())
+
+
 def test_cached_features_are_kept_per_runtime_thread_count(tmp_path):
     """ONNX Runtime's sums move with its thread count: features of another count are computed, not reused."""
     from plugins.builtin.finetuned import build_network
