@@ -8,8 +8,9 @@
 2. Indexes the training split's products and posts through the live pipeline
    with the pair miner attached, exactly as a durable node does (posts are
    detected by the outfit-regions test detector, products as whole images).
-3. Runs the trainer twice: the head only, then with the base's last blocks;
-   each with self pairs (``--self-pairs``) and without.
+3. Runs the trainer for the head only, then with the base's last blocks;
+   each with self pairs (``--self-pairs``) and without, and with self pairs
+   and the base's own features kept beside the head (``--base-weight``).
 4. Indexes the held-out catalog into a fresh node per encoder and searches
    it with every held-out post (``photo=street``): for each product a post
    names, the hits of the detected garment of its category give Recall@1/5/10
@@ -97,9 +98,18 @@ def street_search(node: Node, split: Path, rerank: bool = False) -> dict[str, fl
 @click.option("--heldout", default=300, show_default=True)
 @click.option("--epochs", default=15, show_default=True, help="Epochs of the head-only run.")
 @click.option("--unfreeze", default=1, show_default=True, help="Base blocks trained in the second run.")
-@click.option("--block-epochs", default=6, show_default=True, help="Epochs of the second run.")
+@click.option("--block-epochs", default=10, show_default=True, help="Epochs of the second run.")
 @click.option(
     "--self-pairs", default=0.5, show_default=True, help="Share of self pairs in both runs (`lookstream train`)."
+)
+@click.option(
+    "--base-weight",
+    "base_weights",
+    multiple=True,
+    type=float,
+    default=(0.5,),
+    show_default=True,
+    help="Base weight (`lookstream train --base-weight`) of one more run of each kind, with self pairs; repeatable.",
 )
 @click.option(
     "--offline-seeds", default=1, show_default=True, help="Offline sets (seeds 0..N-1) pooled per query kind."
@@ -113,10 +123,16 @@ def main(
     unfreeze: int,
     block_epochs: int,
     self_pairs: float,
+    base_weights: tuple[float, ...],
     offline_seeds: int,
     output: Path | None,
 ) -> None:
-    results: dict = {"products": products, "heldout_products": heldout, "self_pairs": self_pairs}
+    results: dict = {
+        "products": products,
+        "heldout_products": heldout,
+        "self_pairs": self_pairs,
+        "base_weights": list(base_weights),
+    }
     started = time.perf_counter()
     if not (work / "set" / "heldout" / "posts.jsonl").exists():
         build_street_set(work / "set", products=products, heldout=heldout)
@@ -144,14 +160,16 @@ def main(
         # With self pairs first, so that its metrics count all the caching a run from scratch does;
         # the same run without them then finds every view it needs cached, and gives the comparison.
         if self_pairs:
-            runs.append((f"{name}, self pairs {self_pairs}", blocks, n, self_pairs))
-        runs.append((name, blocks, n, 0.0))
-    for name, blocks, n, share in runs:
-        train_options = TrainOptions(trained_blocks=blocks, epochs=n, self_pairs=share)
+            runs.append((f"{name}, self pairs {self_pairs}", blocks, n, self_pairs, 0.0))
+        runs.append((name, blocks, n, 0.0, 0.0))
+        for weight in base_weights:
+            runs.append((f"{name}, self pairs {self_pairs}, base weight {weight}", blocks, n, self_pairs, weight))
+    for name, blocks, n, share, weight in runs:
+        train_options = TrainOptions(trained_blocks=blocks, epochs=n, self_pairs=share, base_weight=weight)
         result = train(data_dir, train_options, echo=click.echo, progress=False)
         results[f"train {name}"] = result.metrics
         encoders[f"fine-tuned, {name}"] = ("finetuned", {"finetuned": {"path": str(result.path)}}, None)
-    best = f"fine-tuned, {runs[-2 if self_pairs else -1][0]}"
+    best = f"fine-tuned, {runs[-max(len(base_weights), 1)][0]}"  # the last blocks' run with every option
     encoders[f"{best}, multi-crop re-rank"] = (*encoders[best][:2], "multi-crop")
     encoders["efficientnet-lite0 (base), multi-crop re-rank"] = ("efficientnet-lite0", {}, "multi-crop")
 

@@ -523,6 +523,15 @@ def pairs_command(config_path, data_dir) -> None:
     help="Share of each epoch's pairs that pair a thumbnail with a JPEG'd, rescaled, recoloured view of itself "
     "(0.5: as many as street pairs), beside the street pairs (docs/models.md).",
 )
+@click.option(
+    "--base-weight",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.5,
+    show_default=True,
+    help="Share of the base encoder's own cosine kept in the embedding beside the head's: each vector carries "
+    "the base's pooled features too (1,280 numbers more), so near copies are told apart as well as the base "
+    "did; 0: the head alone (docs/models.md).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Model directory (default: versioned).")
 @click.option("--swap", "swap_url", help="Then start the new generation on this node (URL of its API).")
@@ -541,6 +550,7 @@ def train_command(
     heldout,
     max_pairs,
     self_pairs,
+    base_weight,
     seed,
     out,
     swap_url,
@@ -563,6 +573,7 @@ def train_command(
         heldout=heldout,
         max_pairs=max_pairs,
         self_pairs=self_pairs,
+        base_weight=base_weight,
         seed=seed,
     )
     try:

@@ -4,7 +4,10 @@ The recipe is the seed's (fashion-image-feature-extractor): the base encoder
 with a linear projection head (128-d by default), trained with a symmetric
 in-batch-negative contrastive loss (InfoNCE in both directions, street -> shop
 and shop -> street) whose temperature is learned, as CLIP's is. Optionally the
-base's last blocks train too (``trained_blocks``).
+base's last blocks train too (``trained_blocks``). By default the base's own
+features stay in the embedding beside the head's (``base_weight``), and the
+loss sees their sum: the head learns what the base misses, and the base keeps
+telling near copies apart (docs/models.md, "Training").
 
 Made to run on a CPU:
 
@@ -88,6 +91,9 @@ class TrainOptions:
     #: Share of each epoch's pairs that are self pairs (a ``photo`` view and a ``shop`` view of one
     #: training thumbnail), drawn beside all the street pairs: 0.5 adds as many self pairs as street pairs.
     self_pairs: float = 0.0
+    #: Share of the base encoder's own cosine kept in the embedding (0: the head alone, the seed's
+    #: recipe); plugins/builtin/finetuned.py ``build_network``, docs/models.md for what it changes.
+    base_weight: float = 0.5
 
 
 @dataclass
@@ -244,7 +250,7 @@ def train(
         f"{len(held.anchors)} pairs, {len(held.gallery)} products"
         + (f"; {n_self} self pairs per epoch" if n_self else "")
     )
-    network = finetuned.build_network(options.base, options.dim, options.trained_blocks)
+    network = finetuned.build_network(options.base, options.dim, options.trained_blocks, options.base_weight)
     # The head's first weights come from the seed alone. Building the base draws from the same generator,
     # but only the first time a process loads it (it is cached), so seeding before the build was not enough.
     torch.manual_seed(options.seed)
@@ -308,7 +314,7 @@ def train(
                 x = torch.from_numpy(features[start : start + 256].astype(np.float32))
                 z = network.rest(x) if head else torch.nn.functional.normalize(network.pooled(x), dim=1)
                 out.append(z.numpy())
-        return np.concatenate(out) if out else np.empty((0, options.dim), np.float32)
+        return np.concatenate(out) if out else np.empty((0, network.dim), np.float32)
 
     def heldout_metrics(head: bool = True) -> dict[str, float]:
         return retrieval_metrics(embed(held_queries, head), embed(held_gallery, head), held_relevant)
@@ -407,6 +413,7 @@ def train(
             "base": options.base,
             "dim": options.dim,
             "trained_blocks": options.trained_blocks,
+            "base_weight": options.base_weight,
             "input_size": list(INPUT_SIZE),
         },
     )

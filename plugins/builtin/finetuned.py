@@ -12,7 +12,9 @@ size, how many of the base's last blocks were trained, a version digest),
 
 The network is the base encoder's trunk (EfficientNet-Lite0 today, the
 offline default) followed by a linear projection to ``dim`` (128 by default,
-as the seed's Swin head) and L2 normalisation. It is split at ``cut``, the
+as the seed's Swin head) and L2 normalisation; with ``base_weight`` (0.5 by
+default) the base's own pooled features, as before training, go beside it in
+each vector (``build_network``). It is split at ``cut``, the
 first trained block: the part before it never changes, so the trainer computes
 it once per image view and caches it (indexer/training/). Like the built-in
 EfficientNet it takes uint8 NHWC pixels and runs in ONNX Runtime on a CPU.
@@ -39,12 +41,21 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def build_network(base: str, dim: int, trained_blocks: int):
+def build_network(base: str, dim: int, trained_blocks: int, base_weight: float = 0.0):
     """A fresh network: the pretrained base (a private copy) and a projection head, split at its trained part.
 
     ``trained_blocks`` 0: only the head trains, and ``stem`` gives the pooled
     base features. n > 0: the last n blocks of the base, its final convolution
     and the head train; ``stem`` gives the input of the first of those blocks.
+
+    ``base_weight`` w > 0 keeps the base's own pooled features in the
+    embedding beside the head's: ``[sqrt(w) * base, sqrt(1 - w) * head]``, both
+    L2-normalised, so that the cosine of two embeddings is ``w`` times the base
+    encoder's cosine plus ``1 - w`` times the head's. The base's features tell
+    one photo from a near copy of another by fine detail that a 128-d head
+    trained on garments does not keep; the head, trained through the same sum,
+    learns what the base misses (street -> shop). The trained blocks then have
+    a frozen copy that gives the base's features as they were.
     """
     import copy
 
@@ -57,6 +68,8 @@ def build_network(base: str, dim: int, trained_blocks: int):
     if not 0 <= trained_blocks <= blocks:
         raise ValueError(f"trained_blocks must be between 0 and {blocks}")
     cut = blocks - trained_blocks
+    if not 0 <= base_weight < 1:
+        raise ValueError(f"base_weight is a share of the cosine, from 0 to below 1 (got {base_weight})")
 
     class FinetunedNetwork(torch.nn.Module):
         def __init__(self) -> None:
@@ -65,13 +78,36 @@ def build_network(base: str, dim: int, trained_blocks: int):
             self.head = torch.nn.Linear(BASES[base], dim)
             self.cut = cut
             self.trained_blocks = trained_blocks
+            self.base_weight = base_weight
+            self.dim = dim + (BASES[base] if base_weight else 0)
+            # The base's own tail (the trained blocks as they were, its last convolution), never trained.
+            self.original = None
+            if base_weight and trained_blocks:
+                self.original = torch.nn.ModuleDict(
+                    {
+                        "blocks": copy.deepcopy(network._blocks[cut:]),
+                        "conv_head": copy.deepcopy(network._conv_head),
+                        "bn1": copy.deepcopy(network._bn1),
+                    }
+                ).requires_grad_(False)
 
-        def _block(self, idx: int, x):
+        def _block(self, idx: int, x, block=None):
             rate = self.base._global_params.drop_connect_rate
-            return self.base._blocks[idx](x, drop_connect_rate=rate * idx / blocks if rate else rate)
+            block = self.base._blocks[idx] if block is None else block
+            return block(x, drop_connect_rate=rate * idx / blocks if rate else rate)
 
-        def _pooled(self, x):
-            return self.base._swish(self.base._bn1(self.base._conv_head(x))).mean(dim=(2, 3))
+        def _pooled(self, x, tail=None):
+            """The last convolution and the global average; ``tail``: the original's copy of them."""
+            tail = tail if tail is not None else {"conv_head": self.base._conv_head, "bn1": self.base._bn1}
+            return self.base._swish(tail["bn1"](tail["conv_head"](x))).mean(dim=(2, 3))
+
+        def _original_pooled(self, x):
+            """The base encoder's pooled features of ``stem``'s output, as before any training."""
+            if self.original is None:  # only the head trains: ``stem`` gives the base's features
+                return x
+            for idx, block in enumerate(self.original["blocks"], start=self.cut):
+                x = self._block(idx, x, block)
+            return self._pooled(x, self.original)
 
         def stem(self, pixels):
             """uint8 NHWC -> what the trained part starts from (never trained, so it can be cached)."""
@@ -92,7 +128,12 @@ def build_network(base: str, dim: int, trained_blocks: int):
 
         def rest(self, x):
             """From ``stem``'s output to the L2-normalised embedding."""
-            return torch.nn.functional.normalize(self.head(self.pooled(x)), dim=1)
+            normalize = torch.nn.functional.normalize
+            head = normalize(self.head(self.pooled(x)), dim=1)
+            if not self.base_weight:
+                return head
+            base = normalize(self._original_pooled(x), dim=1)
+            return torch.cat([base * self.base_weight**0.5, head * (1 - self.base_weight) ** 0.5], dim=1)
 
         def forward(self, pixels):
             return self.rest(self.stem(pixels))
@@ -140,7 +181,9 @@ def load(path: Path):
         ) from e
     if config.get("format") != FORMAT:
         raise ValueError(f"{path}: model format {config.get('format')!r}, this lookstream reads {FORMAT}")
-    network = build_network(config["base"], int(config["dim"]), int(config["trained_blocks"]))
+    network = build_network(
+        config["base"], int(config["dim"]), int(config["trained_blocks"]), float(config.get("base_weight", 0.0))
+    )
     network.load_state_dict(state)
     return network.eval(), config
 
@@ -155,7 +198,7 @@ class FinetunedEncoder:
         if not path:
             raise ValueError("models.options.finetuned.path must name a model directory written by `lookstream train`")
         network, config = load(Path(path))
-        self.dim = int(config["dim"])
+        self.dim = network.dim
         self.version = f"{config['base']}-{config['version']}"
         self.size = tuple(config.get("input_size", efficientnet.INPUT_SIZE))
         import torch

@@ -90,9 +90,10 @@ async def test_pairs_mined_from_tagged_posts_train_an_encoder_that_takes_over_wi
     assert failures == [] and queries > 10
 
     stats = await (await client.get("/stats")).json()
-    assert [(g["encoder"], g["state"], g["dim"]) for g in stats["generations"]] == [("finetuned", "active", 128)]
+    # The trained head's 128 numbers beside the base's 1,280 (`lookstream train --base-weight`, 0.5 by default).
+    assert [(g["encoder"], g["state"], g["dim"]) for g in stats["generations"]] == [("finetuned", "active", 1408)]
     assert stats["records"] == {"products": len(products), "posts": len(posts)}
-    # Answers come from the new encoder: its 128-d vectors are what the shards take now.
+    # Answers come from the new encoder: its vectors are what the shards take now.
     vector = node.active.models.encoder.encode([split_image(products[0].image)])[0]
     response = await client.post("/search/vector", json={"vector": vector.tolist(), "k": 1})
     assert response.status == 200 and (await response.json())["hits"][0]["id"] == products[0].id

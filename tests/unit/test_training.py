@@ -16,6 +16,7 @@ from indexer.streetset import build_street_set, split_events
 from indexer.training import augment
 from indexer.training.pairs import PairMiner
 from indexer.training.trainer import FeatureCache, TrainOptions, _batches, _self_pair_products, retrieval_metrics, train
+from plugins.builtin.finetuned import load
 from plugins.manager import build_plugin_manager, registry
 from plugins.models import ModelContext
 from tests.unit.test_pairs import street_node
@@ -70,7 +71,8 @@ def test_training_is_deterministic_resumable_and_loads_as_an_encoder(mined, tmp_
     reg = registry(build_plugin_manager(), "encoder")
     encoder = reg.create("finetuned", ModelContext("cpu", runtime="torch", options={"path": str(first.path)}))
     vectors = encoder.encode([Image.new("RGB", (50, 80), "red"), Image.new("RGB", (90, 60), "blue")])
-    assert vectors.shape == (2, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    # The head's 128 numbers and, by default, the base's own 1,280 beside them (base_weight 0.5).
+    assert vectors.shape == (2, 1280 + 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert encoder.version.startswith("efficientnet-lite0-")
 
 
@@ -78,7 +80,7 @@ def test_the_heads_first_weights_come_from_the_seed_alone(mined, tmp_path):
     """The first load of the base in a process draws from torch's generator; a later one does not."""
     from plugins.builtin import efficientnet
 
-    options = TrainOptions(epochs=1, batch_size=8, views=2, heldout=0.3)
+    options = TrainOptions(epochs=1, batch_size=8, views=2, heldout=0.3, base_weight=0.0)
     efficientnet.load_network.cache_clear()
     first = train(mined, options, out=tmp_path / "a", progress=False, echo=lambda _: None)
     shutil.rmtree(mined / "training" / "runs")
@@ -149,14 +151,41 @@ def test_self_pairs_are_cached_deterministically_and_train_deterministically(min
 
 def test_train_command_unfreezes_the_last_blocks_with_self_pairs_and_versions_its_output(mined):
     args = ["train", "--data-dir", str(mined), "--epochs", "1", "--views", "1", "--batch-size", "8", "--no-progress"]
-    result = CliRunner().invoke(main, [*args, "--unfreeze", "1", "--dim", "32", "--self-pairs", "0.5"])
+    args += ["--unfreeze", "1", "--dim", "32", "--self-pairs", "0.5", "--base-weight", "0"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "held-out R@1" in result.output and "base encoder, held-out" in result.output
     assert "self pairs per epoch" in result.output
     written = sorted((mined / "trained").iterdir())
     assert [p.name for p in written][-1].startswith("efficientnet-lite0-ft-v")
     config = json.loads((written[-1] / "config.json").read_text())
-    assert (config["dim"], config["trained_blocks"]) == (32, 1)
+    assert (config["dim"], config["trained_blocks"], config["base_weight"]) == (32, 1, 0)
+
+
+def test_base_weight_keeps_the_base_encoders_features_beside_the_trained_head(mined, default_models):
+    """With the last block trained, the embedding still carries the base's features as they were before training."""
+    args = ["train", "--data-dir", str(mined), "--epochs", "1", "--views", "1", "--batch-size", "8", "--no-progress"]
+    args += ["--unfreeze", "1", "--block-lr", "0.05", "--dim", "32", "--base-weight", "0.4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    path = sorted((mined / "trained").iterdir())[-1]
+    assert json.loads((path / "config.json").read_text())["base_weight"] == 0.4
+
+    reg = registry(build_plugin_manager(), "encoder")
+    encoder = reg.create("finetuned", ModelContext("cpu", runtime="onnxruntime", options={"path": str(path)}))
+    crops = [Image.effect_mandelbrot((90, 120), (-2, -1.5, 1, 1.5), 40).convert("RGB"), Image.new("RGB", (60, 50))]
+    crops[1].paste(crops[0].rotate(90).resize((40, 40)), (10, 5))
+    vectors = encoder.encode(crops)
+    assert encoder.dim == vectors.shape[1] == 1280 + 32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    base, head = vectors[:, :1280] / 0.4**0.5, vectors[:, 1280:] / 0.6**0.5
+    assert np.allclose(np.linalg.norm(head, axis=1), 1, atol=1e-4)
+    assert np.allclose(base, default_models.encoder.encode(crops), atol=1e-3)  # the base's own vectors
+    trained, _ = load(path)
+    assert not np.allclose(  # ... though the block they come from has trained
+        trained.base._blocks[-1].state_dict()["_project_conv.weight"],
+        trained.original["blocks"][0].state_dict()["_project_conv.weight"],
+    )
 
 
 def test_train_command_says_when_there_are_no_pairs(tmp_path):
