@@ -16,7 +16,7 @@
    names, the hits of the detected garment of its category give Recall@1/5/10
    and mAP (1/rank within the first 20 hits). The same with the re-rank hook on.
 5. Runs ``lookstream evaluate``'s offline set (flip, colour, JPEG, scale,
-   street composites) for each encoder, to check that re-finding a product
+   street composites) for each encoder and re-ranker, to check that re-finding a product
    under photographic change did not get worse. 60 queries of a kind move in
    steps of 0.017, so with ``--offline-seeds N`` it also pools Recall@1 per
    kind over the sets built with seeds 0..N-1 (other crops of the same
@@ -169,8 +169,10 @@ def main(
         result = train(data_dir, train_options, echo=click.echo, progress=False)
         results[f"train {name}"] = result.metrics
         encoders[f"fine-tuned, {name}"] = ("finetuned", {"finetuned": {"path": str(result.path)}}, None)
-    best = f"fine-tuned, {runs[-max(len(base_weights), 1)][0]}"  # the last blocks' run with every option
-    encoders[f"{best}, multi-crop re-rank"] = (*encoders[best][:2], "multi-crop")
+    # Re-ranked: the last blocks' runs with the base's features kept (one per weight).
+    best = [f"fine-tuned, {name}" for name, blocks, _, _, weight in runs if blocks and weight]
+    for name in best or [f"fine-tuned, {runs[-1][0]}"]:
+        encoders[f"{name}, multi-crop re-rank"] = (*encoders[name][:2], "multi-crop")
     encoders["efficientnet-lite0 (base), multi-crop re-rank"] = ("efficientnet-lite0", {}, "multi-crop")
 
     offline = build_offline_set(work / "offline")
@@ -182,15 +184,15 @@ def main(
         products_heldout, _ = split_events(work / "set" / "heldout")
         index(node, products_heldout)
         row = {"street": street_search(node, work / "set" / "heldout")}
-        if reranker is None:  # the offline set searches whole images, which a re-ranker does not touch
-            report = evaluate(Node.create(Settings(), models), offline)
-            row["offline"] = {"recall@1": report.recall[1], "map": report.mean_average_precision, **report.by_kind}
-            if more_offline:
-                kinds = [report.by_kind, *(evaluate(Node.create(Settings(), models), o).by_kind for o in more_offline)]
-                row["offline_pooled"] = {
-                    "sets": len(kinds),
-                    **{k: sum(r[k] for r in kinds) / len(kinds) for k in kinds[0]},
-                }
+        # The re-ranker works on whole images too: each query is the one item the whole-image detector finds.
+        report = evaluate(Node.create(Settings(), models), offline)
+        row["offline"] = {"recall@1": report.recall[1], "map": report.mean_average_precision, **report.by_kind}
+        if more_offline:
+            kinds = [report.by_kind, *(evaluate(Node.create(Settings(), models), o).by_kind for o in more_offline)]
+            row["offline_pooled"] = {
+                "sets": len(kinds),
+                **{k: sum(r[k] for r in kinds) / len(kinds) for k in kinds[0]},
+            }
         table[name] = row
         click.echo(f"{name}: {json.dumps(row)}")
         node.close()
