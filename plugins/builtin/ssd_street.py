@@ -56,6 +56,11 @@ class SsdStreetDetector:
             import cv2
         except ImportError as e:
             raise ModelNotAvailable("the ssd-street detector needs OpenCV: pip install 'lookstream[street]'") from e
+        if not hasattr(cv2.dnn, "readNetFromTensorflow"):
+            raise ModelNotAvailable(
+                f"the ssd-street detector reads a TensorFlow graph, which OpenCV {cv2.__version__} no longer imports: "
+                "pip install 'opencv-python-headless<5.1'"
+            )
         self._cv2 = cv2
         self._net = cv2.dnn.readNetFromTensorflow(str(graph), str(text))
         self._lock = threading.Lock()  # a cv2.dnn.Net is not safe to share between threads
