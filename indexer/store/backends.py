@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import faiss
 import numpy as np
@@ -63,18 +63,25 @@ class Codec:
     @property
     def qtype(self) -> int | None:
         """FAISS's scalar quantizer for ``storage``; None for float32."""
-        return STORAGES[self.storage][1]
+        return STORAGES[self.storage].qtype
 
     def vector_bytes(self, dim: int) -> float:
         """Bytes of one vector in an IVF segment (its stored form, and its PQ codes)."""
-        return STORAGES[self.storage][0] * dim + (pq_subquantizers(dim) / 2 if self.pq else 0)
+        return STORAGES[self.storage].bytes_per_number * dim + (pq_subquantizers(dim) / 2 if self.pq else 0)
 
 
-#: How vectors can be stored: bytes per number, FAISS's scalar quantizer (None: float32), and its index_factory name.
-STORAGES: dict[str, tuple[int, int | None, str]] = {
-    "float32": (4, None, "Flat"),
-    "float16": (2, faiss.ScalarQuantizer.QT_fp16, "SQfp16"),
-    "sq8": (1, faiss.ScalarQuantizer.QT_8bit, "SQ8"),
+class Storage(NamedTuple):
+    """A form vectors can be stored in."""
+
+    bytes_per_number: int
+    qtype: int | None  # FAISS's scalar quantizer; None for float32
+    factory: str  # its index_factory name
+
+
+STORAGES: dict[str, Storage] = {
+    "float32": Storage(4, None, "Flat"),
+    "float16": Storage(2, faiss.ScalarQuantizer.QT_fp16, "SQfp16"),
+    "sq8": Storage(1, faiss.ScalarQuantizer.QT_8bit, "SQ8"),
 }
 
 
@@ -338,7 +345,7 @@ class FaissBackend(Backend):
 
 def ivf_pq_index(dim: int, nlist: int, codec: Codec) -> Any:
     """An untrained IVF index of 4-bit PQ codes (fast-scan) re-ranked on the vectors ``codec`` stores."""
-    factory = f"IVF{nlist},PQ{pq_subquantizers(dim)}x4fs,Refine({STORAGES[codec.storage][2]})"
+    factory = f"IVF{nlist},PQ{pq_subquantizers(dim)}x4fs,Refine({STORAGES[codec.storage].factory})"
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     index.k_factor = PQ_REFINE_FACTOR  # kept in the index file, like nprobe
     return index
