@@ -4,7 +4,11 @@ Layout on disk, the same that ``lookstream evaluate --set DIR`` reads::
 
     DIR/gallery/<category>/<product_id>.jpg     the catalog, as `produce products` reads it
     DIR/queries/<query>.jpg
-    DIR/queries.jsonl                           {"image": "queries/q.jpg", "relevant": ["id", ...], "kind": "flip"}
+    DIR/queries.jsonl                           {"image": "queries/q.jpg", "relevant": ["id", ...], "kind": "flip",
+                                                 "photo": "product"}
+
+``photo`` (optional, "product" where left out) is what the query is searched
+as (the ``photo`` of ``GET /search``): the 'street' composites are "street".
 
 The products are crops of real photos (several per photo, so neighbours are
 genuinely alike); each is queried with a flip, a colour jitter, a scale jitter,
@@ -122,6 +126,7 @@ def build_offline_set(out: Path, photos: int = len(PHOTOS), crops_per_photo: int
                 query = _query(kind, crop, background, rng)
                 path = f"queries/{product_id}-{kind}.jpg"
                 query.save(out / path, quality=92)
-                lines.append({"image": path, "relevant": [product_id], "kind": kind})
+                photo = "street" if kind == "street" else "product"
+                lines.append({"image": path, "relevant": [product_id], "kind": kind, "photo": photo})
     (out / "queries.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return out

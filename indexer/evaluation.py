@@ -17,7 +17,7 @@ from pathlib import Path
 
 from indexer.node import Node
 from indexer.pipeline import Rejected
-from indexer.search import Where, search_image
+from indexer.search import PHOTO_KINDS, Where, search_image
 from producers.folders import Skipped, product_events
 
 KS = (1, 5, 10, 20)
@@ -28,6 +28,7 @@ class Query:
     image: Path
     relevant: frozenset[str]
     kind: str
+    photo: str = "product"  # what the query is searched as (indexer.search.PHOTO_KINDS)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,10 @@ def load_queries(root: Path) -> list[Query]:
                 continue
             try:
                 row = json.loads(line)
-                queries.append(Query(root / row["image"], frozenset(row["relevant"]), row.get("kind", "")))
+                photo = row.get("photo", "product")
+                if photo not in PHOTO_KINDS:
+                    raise ValueError(f"photo must be {' or '.join(PHOTO_KINDS)}, got {photo!r}")
+                queries.append(Query(root / row["image"], frozenset(row["relevant"]), row.get("kind", ""), photo))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"queries.jsonl line {number}: {e}") from e
     return queries
@@ -88,7 +92,7 @@ def evaluate(node: Node, root: Path) -> Report:
     per_kind: dict[str, list[int]] = {}
     for query in queries:
         data = query.image.read_bytes()
-        result = search_image(generation.pipeline, generation.shards, settings.images, data, k, PRODUCTS)
+        result = search_image(generation.pipeline, generation.shards, settings.images, data, k, PRODUCTS, query.photo)
         best: dict[str, float] = {}
         for hit in [*result.hits, *(h for item in result.items for h in item.hits)]:
             best[hit.id] = max(best.get(hit.id, -1.0), hit.score)

@@ -3,6 +3,7 @@
 ```
 image bytes -> decode, scaled down (indexer/images.py)
             -> Pipeline.analyse: detect, crop, encode, classify (exactly as indexed images)
+            -> vectors weighed for the photo's kind, product or street (QueryEncoder)
             -> ShardSet.search per detected item, and for the whole image
             -> QueryResult with the milliseconds of each stage
 vector      -> checked against the encoder's dimension, normalised -> ShardSet.search
@@ -34,7 +35,7 @@ from indexer.pipeline import Pipeline
 from indexer.pipeline import crop as pipeline_crop
 from indexer.store.columns import compile_filter, keyword_values
 from indexer.store.shards import Hit, ShardSet
-from plugins.models import Candidate, Encoder, Reranker, RerankQuery
+from plugins.models import PHOTOS, Candidate, Encoder, Reranker, RerankQuery
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,42 @@ class Stopwatch:
 
 
 #: What kind of photo a query is -> the collection whose detector finds its items.
-PHOTO_KINDS = {"product": "products", "street": "posts"}
+PHOTO_KINDS = dict(zip(PHOTOS, ("products", "posts"), strict=True))
+
+
+@dataclass(frozen=True)
+class QueryEncoder:
+    """The encoder as a query photo of one kind uses it: vectors weighed for the kind and normalised.
+
+    An encoder that joins parts may weigh them per kind (``weigh_query``,
+    plugins/models.py); others search with their vectors as stored. A
+    re-ranker encodes its extra views through this, so they are weighed alike.
+    """
+
+    encoder: Encoder
+    photo: str
+
+    @property
+    def name(self) -> str:
+        return self.encoder.name
+
+    @property
+    def version(self) -> str:
+        return self.encoder.version
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def weigh(self, vectors: np.ndarray) -> np.ndarray:
+        weigh = getattr(self.encoder, "weigh_query", None)
+        if weigh is None:
+            return vectors
+        weighed = np.asarray(weigh(vectors, self.photo), dtype=np.float32)
+        return weighed / np.linalg.norm(weighed, axis=-1, keepdims=True)
+
+    def encode(self, crops: list[Image.Image]) -> np.ndarray:
+        return self.weigh(np.asarray(self.encoder.encode(crops), dtype=np.float32))
 
 
 @dataclass(frozen=True)
@@ -124,6 +160,8 @@ class AnalysedQuery:
 def analyse_image(pipeline: Pipeline, images: ImageSettings, data: bytes, photo: str = "product") -> AnalysedQuery:
     """Decode, detect, encode and classify a query image exactly as indexed images are; search nothing yet.
 
+    The vectors are then weighed for ``photo`` (:class:`QueryEncoder`): for
+    most encoders they stay as encoded.
     The router (indexer/web/router.py) does this once per query and sends the
     vectors to the replicas; a node goes on with :func:`search_image`.
     """
@@ -140,7 +178,11 @@ def analyse_image(pipeline: Pipeline, images: ImageSettings, data: bytes, photo:
     if whole is None:  # the detector found garments, not the whole image: one more encoder pass
         with clock.stage("encode"):
             whole = pipeline.encode([decoded.image])[0]
-    return AnalysedQuery(items, whole, decoded.original_size, clock, decoded)
+    weigh = QueryEncoder(pipeline.models.encoder, photo).weigh
+    if items:
+        vectors = weigh(np.stack([item.vector for item in items]))
+        items = [dataclasses.replace(item, vector=vector) for item, vector in zip(items, vectors, strict=True)]
+    return AnalysedQuery(items, weigh(whole), decoded.original_size, clock, decoded)
 
 
 def search_image(
@@ -164,9 +206,10 @@ def search_image(
         hits = _search(shards, query.whole, k, where)
     reranker = pipeline.models.reranker
     if reranker is not None:
+        encoder = QueryEncoder(pipeline.models.encoder, photo)
         with clock.stage("rerank"):
             found = [
-                rerank(reranker, pipeline.models.encoder, shards, crop(query.decoded, item.box), item.vector, hits_, k)
+                rerank(reranker, encoder, shards, crop(query.decoded, item.box), item.vector, hits_, k)
                 for item, hits_ in zip(query.items, found, strict=True)
             ]
     results = [
@@ -191,7 +234,7 @@ def crop(decoded: Decoded, box: tuple[int, int, int, int]) -> Image.Image:
 
 def rerank(
     reranker: Reranker,
-    encoder: Encoder,
+    encoder: QueryEncoder,
     shards: ShardSet,
     image: Image.Image,
     vector: np.ndarray,
@@ -206,7 +249,7 @@ def rerank(
                 stored[(hit.collection, hit.id)] = row
     by_key = {(h.collection, h.id): h for h in hits if (h.collection, h.id) in stored}
     candidates = [Candidate(h.id, h.collection, h.score, stored[key]) for key, h in by_key.items()]
-    ranked = reranker.rerank(RerankQuery(image, vector, encoder), candidates)
+    ranked = reranker.rerank(RerankQuery(image, vector, encoder, encoder.photo), candidates)
     return [
         dataclasses.replace(by_key[(c.collection, c.id)], score=c.score)
         for c in ranked

@@ -74,14 +74,24 @@ class Encoder(Protocol):
     def encode(self, crops: list[Image.Image]) -> np.ndarray:
         """Return a float32 array (len(crops), dim) of L2-normalised vectors."""
 
+    # Optional: ``weigh_query(vectors, photo) -> np.ndarray``, the vectors of a query photo of one
+    # kind (one of PHOTOS) as they should search the stored vectors: an encoder whose vectors join
+    # parts (the fine-tuned encoder: the base's features beside a trained head) may weigh the parts
+    # per kind. The query flow (indexer/search.py) calls it where defined and normalises the result.
+
+
+#: What a query photo can be: a catalog thumbnail ("product") or a photo like a post ("street").
+PHOTOS = ("product", "street")
+
 
 @dataclass(frozen=True)
 class RerankQuery:
-    """What a re-ranker may look at: the query crop, its vector, and the encoder that made it."""
+    """What a re-ranker may look at: the query crop, its vector, the encoder that made it, and the photo's kind."""
 
     image: Image.Image
     vector: np.ndarray
-    encoder: Encoder
+    encoder: Encoder  # encodes more views of the query as its vector was made (weighed for ``photo``)
+    photo: str = "product"  # one of PHOTOS
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ size, how many of the base's last blocks were trained, a version digest),
     encoder = "finetuned"
     [models.options.finetuned]
     path = "lookstream-data/models/efficientnet-lite0-ft-v001"
+    query_base_weight = {product = 1.0}   # the default; street photos take the trained weight
 
 The network is the base encoder's trunk (EfficientNet-Lite0 today, the
 offline default) followed by a linear projection to ``dim`` (128 by default,
@@ -18,6 +19,14 @@ each vector (``build_network``). It is split at ``cut``, the
 first trained block: the part before it never changes, so the trainer computes
 it once per image view and caches it (indexer/training/). Like the built-in
 EfficientNet it takes uint8 NHWC pixels and runs in ONNX Runtime on a CPU.
+
+A query weighs the two parts by what its photo is (``weigh_query``,
+``query_base_weight``). A street photo searches with the trained mix: the head
+learned street -> shop. A product photo is a catalog image a camera or a
+re-encoder changed; the base's features, which training never changes, find
+its product (docs/models.md, "Measured": with the trained mix, product photos
+lose some JPEG and scale queries to the base encoder), so by default it
+searches on them alone (weight 1.0).
 """
 
 from __future__ import annotations
@@ -32,13 +41,15 @@ from PIL import Image
 from plugins import hookimpl
 from plugins.builtin import efficientnet, onnx_runtime
 from plugins.builtin.preprocess import resize
-from plugins.models import ModelContext, ModelNotAvailable
+from plugins.models import PHOTOS, ModelContext, ModelNotAvailable
 
 FORMAT = 1
 #: Base encoders the trainer can fine-tune, and the size of their pooled features.
 BASES = {"efficientnet-lite0": 1280}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
+#: ``query_base_weight`` where the options leave it out: product photos on the base's features alone.
+QUERY_BASE_WEIGHT = {"product": 1.0}
 
 
 def build_network(base: str, dim: int, trained_blocks: int, base_weight: float = 0.0):
@@ -199,6 +210,12 @@ class FinetunedEncoder:
             raise ValueError("models.options.finetuned.path must name a model directory written by `lookstream train`")
         network, config = load(Path(path))
         self.dim = network.dim
+        self.query_scales = query_scales(
+            float(config.get("base_weight", 0.0)),
+            network.dim - int(config["dim"]),
+            network.dim,
+            context.options.get("query_base_weight"),
+        )
         self.version = f"{config['base']}-{config['version']}"
         self.size = tuple(config.get("input_size", efficientnet.INPUT_SIZE))
         import torch
@@ -218,6 +235,36 @@ class FinetunedEncoder:
         if not crops:
             return np.empty((0, self.dim), dtype=np.float32)
         return np.asarray(self.run(crops), dtype=np.float32)
+
+    def weigh_query(self, vectors: np.ndarray, photo: str) -> np.ndarray:
+        """The query vectors with their parts weighed for ``photo`` (plugins.models.Encoder)."""
+        scales = self.query_scales.get(photo)
+        return vectors if scales is None else vectors * scales
+
+
+def query_scales(trained: float, base_dim: int, dim: int, weights: Any) -> dict[str, np.ndarray]:
+    """Per photo kind, what to multiply a vector's numbers by so that its cosine weighs the base by the kind's weight.
+
+    A stored vector is ``[sqrt(w) * base, sqrt(1 - w) * head]`` (w: the
+    trained ``base_weight``). A query scaled by ``q / w`` on the base part and
+    ``(1 - q) / (1 - w)`` on the head scores ``q * cos(base) + (1 - q) *
+    cos(head)`` against it; the query flow then normalises it, which changes
+    every score of the query by the same factor and no order.
+    """
+    if weights is None:
+        weights = QUERY_BASE_WEIGHT if trained else {}
+    if not isinstance(weights, dict) or not set(weights) <= set(PHOTOS):
+        raise ValueError(f"models.options.finetuned.query_base_weight must map {' / '.join(PHOTOS)} to a weight")
+    if weights and not trained:
+        raise ValueError("query_base_weight needs a model trained with a base weight above 0 (it has no base part)")
+    scales = {}
+    for photo, weight in weights.items():
+        if not isinstance(weight, int | float) or not 0 <= weight <= 1:
+            raise ValueError(f"query_base_weight.{photo} must be a number from 0 to 1, got {weight!r}")
+        scale = np.full(dim, (1 - weight) / (1 - trained), dtype=np.float32)
+        scale[:base_dim] = weight / trained
+        scales[photo] = scale
+    return scales
 
 
 @hookimpl

@@ -7,7 +7,14 @@ encoded again as a few sub-crops (centre, four corners, and its mirror) and a
 candidate's new score is its best cosine over the crop and the sub-crops:
 whichever view frames the garment best decides. It costs one encoder batch of
 six crops per query item. Off unless ``models.reranker = "multi-crop"``;
-options: ``candidates`` (30), ``scale`` (0.75: the sub-crops' share of each side).
+options: ``candidates`` (30), ``scale`` (0.75: the sub-crops' share of each side),
+``photos`` (["street"]: the query photo kinds it re-ranks).
+
+A catalog thumbnail is framed already: on product photos the sub-crops only
+add ways to match a neighbour (measured in docs/models.md: on the offline set
+the base encoder with it re-finds fewer JPEG and scale queries, and more
+street composites searched as street photos), so by default product photos
+keep the index's order.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from plugins import hookimpl
-from plugins.models import Candidate, ModelContext, RerankQuery
+from plugins.models import PHOTOS, Candidate, ModelContext, RerankQuery
 
 
 def sub_crops(image: Image.Image, scale: float) -> list[Image.Image]:
@@ -34,8 +41,13 @@ class MultiCropReranker:
         self.scale = float(context.options.get("scale", 0.75))
         if not 0 < self.scale <= 1:
             raise ValueError("models.options.multi-crop.scale must be in (0, 1]")
+        self.photos = frozenset(context.options.get("photos", ("street",)))
+        if not self.photos <= set(PHOTOS):
+            raise ValueError(f"models.options.multi-crop.photos must list photo kinds of {', '.join(PHOTOS)}")
 
     def rerank(self, query: RerankQuery, candidates: list[Candidate]) -> list[Candidate]:
+        if query.photo not in self.photos:
+            return candidates
         if not candidates:
             return []
         views = np.asarray(query.encoder.encode(sub_crops(query.image, self.scale)), dtype=np.float32)

@@ -7,18 +7,24 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, ImageOps
 
 from indexer.cli import main
-from indexer.config import PairSettings
+from indexer.config import PairSettings, Settings
+from indexer.evaluation import PRODUCTS
+from indexer.images import decode
+from indexer.node import Node
+from indexer.search import analyse_image, search_image
 from indexer.store.thumbnails import store_thumbnails
 from indexer.streetset import build_street_set, split_events
 from indexer.training import augment
 from indexer.training.pairs import PairMiner
 from indexer.training.trainer import FeatureCache, TrainOptions, _batches, _self_pair_products, retrieval_metrics, train
-from plugins.builtin.finetuned import load
+from plugins.builtin.finetuned import load, query_scales
 from plugins.manager import build_plugin_manager, registry
 from plugins.models import ModelContext
+from tests.conftest import catalog_event
+from tests.support.imagegen import encoded, product_image
 from tests.unit.test_pairs import street_node
 
 
@@ -186,6 +192,55 @@ def test_base_weight_keeps_the_base_encoders_features_beside_the_trained_head(mi
         trained.base._blocks[-1].state_dict()["_project_conv.weight"],
         trained.original["blocks"][0].state_dict()["_project_conv.weight"],
     )
+
+
+def test_query_scales_weigh_the_cosine_of_the_parts():
+    rng = np.random.default_rng(0)
+    unit = lambda n: (lambda v: v / np.linalg.norm(v))(rng.normal(size=n))  # noqa: E731
+    w, q = 0.65, 0.9
+    base, head, stored_base, stored_head = unit(6), unit(3), unit(6), unit(3)
+    query = np.concatenate([w**0.5 * base, (1 - w) ** 0.5 * head])
+    stored = np.concatenate([w**0.5 * stored_base, (1 - w) ** 0.5 * stored_head])
+    scales = query_scales(w, 6, 9, {"product": q, "street": w})
+    assert query * scales["product"] @ stored == pytest.approx(q * base @ stored_base + (1 - q) * head @ stored_head)
+    assert np.allclose(scales["street"], 1) and set(query_scales(w, 6, 9, None)) == {"product"}
+    with pytest.raises(ValueError, match="product / street"):
+        query_scales(w, 6, 9, {"posts": 1.0})
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        query_scales(w, 6, 9, {"product": 1.5})
+    with pytest.raises(ValueError, match="no base part"):
+        query_scales(0.0, 0, 3, {"product": 1.0})
+    assert query_scales(0.0, 0, 3, None) == {}
+
+
+def test_product_photos_search_on_the_base_features_street_photos_on_the_trained_mix(mined, default_models, tmp_path):
+    options = TrainOptions(epochs=1, batch_size=8, views=1, heldout=0.3, trained_blocks=1, base_weight=0.4, dim=32)
+    path = train(mined, options, out=tmp_path / "model", progress=False, echo=lambda _: None).path
+    reg = registry(build_plugin_manager(), "encoder")
+    encoder = reg.create("finetuned", ModelContext("cpu", runtime="onnxruntime", options={"path": str(path)}))
+    query = encoded(ImageOps.mirror(product_image(3)).rotate(10))
+    events = [catalog_event(i) for i in range(8)]
+
+    def search(models, photo):
+        data_dir = tmp_path / f"{models.encoder.name}-{photo}"
+        node = Node.create(Settings.model_validate({"data_dir": str(data_dir)}), models)
+        node.active.shards.apply(node.active.pipeline.process(events))
+        vector = analyse_image(node.active.pipeline, node.settings.images, query, photo).whole
+        result = search_image(node.active.pipeline, node.active.shards, node.settings.images, query, 8, PRODUCTS, photo)
+        node.close()
+        return vector, [(hit.id, hit.score) for hit in result.hits]
+
+    finetuned = dataclasses.replace(default_models, encoder=encoder)
+    base_vector, base_hits = search(default_models, "product")
+    street_vector, _ = search(finetuned, "street")
+    product_vector, product_hits = search(finetuned, "product")
+    # A street photo searches with the vector as indexed: the trained mix.
+    assert np.allclose(street_vector, encoder.encode([decode(query, 10**8, 10**4).image])[0], atol=1e-5)
+    # A product photo on the base's features alone (query_base_weight.product 1.0): the base encoder's
+    # vector, the head's numbers zero, so the base encoder's order, every score scaled by sqrt(0.4).
+    assert np.allclose(product_vector, np.concatenate([base_vector, np.zeros(32)]), atol=1e-3)
+    assert [i for i, _ in product_hits] == [i for i, _ in base_hits]
+    assert [s for _, s in product_hits] == pytest.approx([0.4**0.5 * s for _, s in base_hits], abs=1e-3)
 
 
 def test_train_command_says_when_there_are_no_pairs(tmp_path):
