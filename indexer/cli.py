@@ -593,12 +593,13 @@ def train_command(
 
 
 def _swap(url: str, token: str | None, settings: Settings, path: Path) -> None:
-    """POST /admin/swap with the active options plus the new model's path."""
+    """POST /admin/swap with the active options, the new model's path in place of the finetuned encoder's."""
     import json
     import urllib.error
     import urllib.request
 
-    options = {**settings.models.options, "finetuned": {"path": str(path.resolve())}}
+    finetuned = {**settings.models.options.get("finetuned", {}), "path": str(path.resolve())}
+    options = {**settings.models.options, "finetuned": finetuned}
     request = urllib.request.Request(
         f"{url.rstrip('/')}/admin/swap",
         data=json.dumps({"encoder": "finetuned", "options": options}).encode(),

@@ -246,3 +246,17 @@ def test_product_photos_search_on_the_base_features_street_photos_on_the_trained
 def test_train_command_says_when_there_are_no_pairs(tmp_path):
     result = CliRunner().invoke(main, ["train", "--data-dir", str(tmp_path), "--no-progress"])
     assert result.exit_code != 0 and "attrs.products" in result.output
+
+
+def test_swap_keeps_the_configs_other_finetuned_options(monkeypatch, tmp_path):
+    from indexer import cli
+
+    sent = []
+    monkeypatch.setattr(cli, "_request_json", lambda request, url, **_: sent.append(request) or {"generation": "g"})
+    options = {"finetuned": {"path": "old", "query_base_weight": {"product": 0.8}}, "multi-crop": {"candidates": 9}}
+    settings = Settings.model_validate({"models": {"options": options}})
+    cli._swap("http://127.0.0.1:1", "t", settings, tmp_path / "new")
+    body = json.loads(sent[0].data)
+    assert body["encoder"] == "finetuned" and body["options"]["multi-crop"] == {"candidates": 9}
+    path = str((tmp_path / "new").resolve())
+    assert body["options"]["finetuned"] == {"path": path, "query_base_weight": {"product": 0.8}}
