@@ -160,9 +160,8 @@ class AnalysedQuery:
 def analyse_image(pipeline: Pipeline, images: ImageSettings, data: bytes, photo: str = "product") -> AnalysedQuery:
     """Decode, detect, encode and classify a query image exactly as indexed images are; search nothing yet.
 
-    The vectors are then weighed for ``photo`` (:class:`QueryEncoder`): for
-    most encoders they stay as encoded.
-    The router (indexer/web/router.py) does this once per query and sends the
+    The vectors are then weighed for ``photo`` (:class:`QueryEncoder`); for
+    most encoders they stay as encoded. The router (indexer/web/router.py) does this once per query and sends the
     vectors to the replicas; a node goes on with :func:`search_image`.
     """
     clock = Stopwatch()

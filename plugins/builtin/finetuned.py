@@ -137,13 +137,16 @@ def build_network(base: str, dim: int, trained_blocks: int, base_weight: float =
                 x = self._block(idx, x)
             return self._pooled(x)
 
-        def rest(self, x):
-            """From ``stem``'s output to the L2-normalised embedding."""
-            normalize = torch.nn.functional.normalize
-            head = normalize(self.head(self.pooled(x)), dim=1)
+        def base_features(self, x):
+            """The base's own L2-normalised features of ``stem``'s output: never trained, so a trainer may keep them."""
+            return torch.nn.functional.normalize(self._original_pooled(x), dim=1)
+
+        def rest(self, x, base=None):
+            """From ``stem``'s output to the L2-normalised embedding; ``base``: ``base_features(x)``, if known."""
+            head = torch.nn.functional.normalize(self.head(self.pooled(x)), dim=1)
             if not self.base_weight:
                 return head
-            base = normalize(self._original_pooled(x), dim=1)
+            base = self.base_features(x) if base is None else base
             return torch.cat([base * self.base_weight**0.5, head * (1 - self.base_weight) ** 0.5], dim=1)
 
         def forward(self, pixels):
