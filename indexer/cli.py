@@ -448,14 +448,21 @@ def evaluate_command(config_path, set_dir, encoders, photos, output) -> None:
 @click.option("-k", "--k", "k", type=int, default=10, show_default=True)
 @click.option("--collection", type=click.Choice(["products", "posts", "both"]), default="products", show_default=True)
 @click.option("--category", help="Only this category.")
-def search_command(image: Path, url: str, k: int, collection: str, category: str | None) -> None:
+@click.option(
+    "--photo",
+    type=click.Choice(["product", "street"]),
+    default="product",
+    show_default=True,
+    help="What the image is: a catalog thumbnail or a photo like a post (its detector, a fine-tuned encoder's mix).",
+)
+def search_command(image: Path, url: str, k: int, collection: str, category: str | None, photo: str) -> None:
     """Search a running node with a photo; print the hits per detected item and for the whole image."""
     import mimetypes
     import urllib.error
     import urllib.parse
     import urllib.request
 
-    params = {"k": k, "collection": collection, **({"category": category} if category else {})}
+    params = {"k": k, "collection": collection, "photo": photo, **({"category": category} if category else {})}
     content_type = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
     request = urllib.request.Request(
         f"{url.rstrip('/')}/search?{urllib.parse.urlencode(params)}",

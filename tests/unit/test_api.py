@@ -237,6 +237,9 @@ async def test_search_command_prints_a_table(aiohttp_server, node, tmp_path):
     assert "whole image" in result.output and result.output.rstrip().splitlines()[-1].startswith("timings (ms)")
     bad = await asyncio.get_running_loop().run_in_executor(None, CliRunner().invoke, main, [*args, "-k", "500"])
     assert bad.exit_code != 0 and "400: k must be between 1 and 20" in bad.output
+    street_args = [*args, "--photo", "street"]
+    street = await asyncio.get_running_loop().run_in_executor(None, CliRunner().invoke, main, street_args)
+    assert street.exit_code == 0 and street.output.splitlines()[2].split()[:3] == ["1", "1.000", "p2"]
 
 
 TOKEN = "s3cret-token-value"
