@@ -78,17 +78,31 @@ def identity(models: Models, selection: ModelSettings) -> dict[str, Any]:
         "dim": encoder.dim,
         "detector": models.detector.name,
         "classifier": models.classifier.name,
-        "options": selection.options,
+        "options": stored_options(selection),
         # only where a collection has its own detector, so that existing generations keep their ids
         **({"detectors": {c: d.name for c, d in sorted(models.detectors.items())}} if models.detectors else {}),
     }
 
 
+def stored_options(selection: ModelSettings) -> dict[str, Any]:
+    """The model options that shape what the shards hold.
+
+    Left out: the selected re-ranker's table, and any option named ``query_*``
+    (docs/plugins.md): both are read when queries are answered, so changing
+    them keeps the generation and its shards, and applies from the next start.
+    """
+    return {
+        name: {key: value for key, value in table.items() if not key.startswith("query_")}
+        for name, table in selection.options.items()
+        if name != selection.reranker
+    }
+
+
 def same_models(a: ModelSettings, b: ModelSettings) -> bool:
-    """Whether two selections give the same vectors and categories (device or batch size do not)."""
+    """Whether two selections give the same vectors and categories (device, batch size or query options do not)."""
 
     def models(s: ModelSettings) -> tuple:
-        return (s.encoder, s.classifier, s.options, *(s.detector_for(c) for c in COLLECTIONS))
+        return (s.encoder, s.classifier, stored_options(s), *(s.detector_for(c) for c in COLLECTIONS))
 
     return models(a) == models(b)
 

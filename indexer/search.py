@@ -200,10 +200,11 @@ def search_image(
     """
     query = analyse_image(pipeline, images, data, photo)
     clock = query.clock
+    reranker = _reranker(pipeline, photo)
+    wanted = max(k, reranker.candidates) if reranker is not None else k
     with clock.stage("search"):
-        found = [_search(shards, item.vector, _wanted(pipeline, k), where) for item in query.items]
+        found = [_search(shards, item.vector, wanted, where) for item in query.items]
         hits = _search(shards, query.whole, k, where)
-    reranker = pipeline.models.reranker
     if reranker is not None:
         encoder = QueryEncoder(pipeline.models.encoder, photo)
         with clock.stage("rerank"):
@@ -218,9 +219,10 @@ def search_image(
     return QueryResult(results, hits, clock.total(), query.size)
 
 
-def _wanted(pipeline: Pipeline, k: int) -> int:
+def _reranker(pipeline: Pipeline, photo: str) -> Reranker | None:
+    """The re-ranker, where there is one and it re-ranks this kind of photo (its optional ``photos``)."""
     reranker = pipeline.models.reranker
-    return max(k, reranker.candidates) if reranker is not None else k
+    return reranker if reranker is not None and photo in getattr(reranker, "photos", PHOTOS) else None
 
 
 def crop(decoded: Decoded, box: tuple[int, int, int, int]) -> Image.Image:

@@ -109,6 +109,7 @@ class Reranker(Protocol):
     name: str
     #: How many of the nearest hits it re-scores (the answer keeps the best ``k`` of them).
     candidates: int
+    # Optional: ``photos``, the query photo kinds (of PHOTOS) it re-ranks; every kind where absent.
 
     def rerank(self, query: RerankQuery, candidates: list[Candidate]) -> list[Candidate]:
         """Return the candidates re-scored (a new ``score`` each), best first."""

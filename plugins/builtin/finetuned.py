@@ -32,6 +32,7 @@ searches on them alone (weight 1.0).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from plugins import hookimpl
 from plugins.builtin import efficientnet, onnx_runtime
 from plugins.builtin.preprocess import resize
 from plugins.models import PHOTOS, ModelContext, ModelNotAvailable
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 #: Base encoders the trainer can fine-tune, and the size of their pooled features.
@@ -258,11 +261,12 @@ def query_scales(trained: float, base_dim: int, dim: int, weights: Any) -> dict[
         weights = QUERY_BASE_WEIGHT if trained else {}
     if not isinstance(weights, dict) or not set(weights) <= set(PHOTOS):
         raise ValueError(f"models.options.finetuned.query_base_weight must map {' / '.join(PHOTOS)} to a weight")
-    if weights and not trained:
-        raise ValueError("query_base_weight needs a model trained with a base weight above 0 (it has no base part)")
+    if weights and not trained:  # a config written for models with a base part; this one has none to weigh
+        log.warning("query_base_weight ignored: the model was trained with base weight 0 (it has no base part)")
+        return {}
     scales = {}
     for photo, weight in weights.items():
-        if not isinstance(weight, int | float) or not 0 <= weight <= 1:
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
             raise ValueError(f"query_base_weight.{photo} must be a number from 0 to 1, got {weight!r}")
         scale = np.full(dim, (1 - weight) / (1 - trained), dtype=np.float32)
         scale[:base_dim] = weight / trained

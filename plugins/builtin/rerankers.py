@@ -41,9 +41,11 @@ class MultiCropReranker:
         self.scale = float(context.options.get("scale", 0.75))
         if not 0 < self.scale <= 1:
             raise ValueError("models.options.multi-crop.scale must be in (0, 1]")
-        self.photos = frozenset(context.options.get("photos", ("street",)))
-        if not self.photos <= set(PHOTOS):
-            raise ValueError(f"models.options.multi-crop.photos must list photo kinds of {', '.join(PHOTOS)}")
+        photos = context.options.get("photos", ["street"])
+        if not isinstance(photos, list | tuple) or not all(photo in PHOTOS for photo in photos):
+            raise ValueError(f"models.options.multi-crop.photos must be a list of photo kinds of {', '.join(PHOTOS)}")
+        #: The photo kinds it re-ranks (the query flow asks before it fetches candidates).
+        self.photos = frozenset(photos)
 
     def rerank(self, query: RerankQuery, candidates: list[Candidate]) -> list[Candidate]:
         if query.photo not in self.photos:

@@ -25,6 +25,17 @@ def test_offline_set_is_deterministic_and_labelled(tmp_path):
     assert len(queries) == 4 * len(QUERY_KINDS) and all(q.image.exists() for q in queries)
     gallery = {p.stem for p in (first / "gallery").rglob("*.jpg")}
     assert set().union(*(q.relevant for q in queries)) == gallery
+    # The street composites are searched as street photos, the changed thumbnails as product photos.
+    assert {(q.kind, q.photo) for q in queries} == {(k, "street" if k == "street" else "product") for k in QUERY_KINDS}
+
+
+def test_queries_name_what_they_are_searched_as(tmp_path):
+    lines = ['{"image": "q.jpg", "relevant": ["a"]}', '{"image": "q.jpg", "relevant": ["a"], "photo": "posts"}']
+    (tmp_path / "queries.jsonl").write_text(lines[0] + "\n")
+    assert load_queries(tmp_path)[0].photo == "product"
+    (tmp_path / "queries.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="line 2: photo must be product or street"):
+        load_queries(tmp_path)
 
 
 def test_default_encoder_refinds_products_better_than_chance(tmp_path, default_models):

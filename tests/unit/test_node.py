@@ -40,6 +40,13 @@ def test_same_models_ignores_what_does_not_change_vectors():
     assert generations.same_models(base, base.model_copy(update={"device": "cuda", "batch_size": 4}))
     assert not generations.same_models(base, OTHER)
     assert not generations.same_models(base, base.model_copy(update={"options": {"x": {"y": 1}}}))
+    # Options read only when queries are answered: the selected re-ranker's, and any named query_*.
+    finetuned = ModelSettings(encoder="finetuned", options={"finetuned": {"path": "m"}})
+    query_only = {"finetuned": {"path": "m", "query_base_weight": {"product": 0.8}}, "multi-crop": {"candidates": 9}}
+    reranked = finetuned.model_copy(update={"reranker": "multi-crop", "options": query_only})
+    assert generations.same_models(finetuned, reranked)
+    assert generations.stored_options(reranked) == {"finetuned": {"path": "m"}}
+    assert not generations.same_models(finetuned, reranked.model_copy(update={"options": {"finetuned": {"path": "n"}}}))
 
 
 def test_generation_ids_are_stable_and_differ_by_models(default_models):

@@ -41,8 +41,9 @@ def test_multi_crop_scores_each_candidate_by_its_best_view():
     assert reranker.rerank(product, [c, b, a]) == [c, b, a]
     both = MultiCropReranker(ModelContext("cpu", options={"photos": ["product", "street"]}))
     assert [x.score for x in both.rerank(product, [c, b, a])] == pytest.approx([1.0, 1.0, 0.0])
-    with pytest.raises(ValueError, match="photo kinds"):
-        MultiCropReranker(ModelContext("cpu", options={"photos": ["posts"]}))
+    for bad in (["posts"], "street"):
+        with pytest.raises(ValueError, match="photo kinds"):
+            MultiCropReranker(ModelContext("cpu", options={"photos": bad}))
 
 
 def test_rerank_is_off_by_default_and_an_unknown_name_lists_the_known_ones(default_models):
@@ -70,4 +71,7 @@ def test_search_with_the_multi_crop_reranker_keeps_k_hits_and_times_it(default_m
     hits = result.items[0].hits
     assert len(hits) == 2 and hits[0].id == "p3" and hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert hits[0].score >= hits[1].score and "rerank" in result.timings_ms
+    # A product photo is not re-ranked (the re-ranker's photos): no candidates fetched for it, no rerank stage.
+    result = search_image(node.active.pipeline, node.active.shards, Settings().images, data, 2, where, "product")
+    assert [h.id for h in result.items[0].hits][:1] == ["p3"] and "rerank" not in result.timings_ms
     node.close()
