@@ -12,6 +12,7 @@ import click
 
 from indexer import interpreter
 from indexer.config import LOCAL_BROKER_PORT, Settings
+from plugins.models import PHOTOS
 
 log = logging.getLogger("lookstream")
 
@@ -450,7 +451,7 @@ def evaluate_command(config_path, set_dir, encoders, photos, output) -> None:
 @click.option("--category", help="Only this category.")
 @click.option(
     "--photo",
-    type=click.Choice(["product", "street"]),
+    type=click.Choice(PHOTOS),
     default="product",
     show_default=True,
     help="What the image is: a catalog thumbnail or a photo like a post (its detector, a fine-tuned encoder's mix).",

@@ -309,27 +309,27 @@ def train(
     product_index = {pid: i for i, pid in enumerate(train_split.gallery)}
     positive_of = np.array([product_index[pid] for pid in train_split.positives], dtype=np.int64)
 
-    def embed(features: np.ndarray, head: bool = True) -> np.ndarray:
-        out = []
+    def in_batches(function, features: np.ndarray, dim: int) -> np.ndarray:
+        """``function`` over cached features, 256 rows at a time, without gradients."""
         with torch.no_grad():
-            for start in range(0, len(features), 256):
-                x = torch.from_numpy(features[start : start + 256].astype(np.float32))
-                z = network.rest(x) if head else torch.nn.functional.normalize(network.pooled(x), dim=1)
-                out.append(z.numpy())
-        return np.concatenate(out) if out else np.empty((0, network.dim), np.float32)
+            out = [
+                function(torch.from_numpy(features[start : start + 256].astype(np.float32))).numpy()
+                for start in range(0, len(features), 256)
+            ]
+        return np.concatenate(out) if out else np.empty((0, dim), np.float32)
+
+    def embed(features: np.ndarray, head: bool = True) -> np.ndarray:
+        if head:
+            return in_batches(network.rest, features, network.dim)
+        return in_batches(lambda x: torch.nn.functional.normalize(network.pooled(x), dim=1), features, network.dim)
 
     def base_of_views(features: np.ndarray) -> np.ndarray | None:
         """The base's own features of every view (``base_features``), once, not once an epoch; None without them."""
         if not options.base_weight:
             return None
-        flat = features.reshape(-1, *features.shape[2:])
-        with torch.no_grad():
-            out = [
-                network.base_features(torch.from_numpy(flat[start : start + 256].astype(np.float32))).numpy()
-                for start in range(0, len(flat), 256)
-            ]
         dim = finetuned.BASES[options.base]
-        return (np.concatenate(out) if out else np.empty((0, dim), np.float32)).reshape(*features.shape[:2], dim)
+        flat = in_batches(network.base_features, features.reshape(-1, *features.shape[2:]), dim)
+        return flat.reshape(*features.shape[:2], dim)
 
     def heldout_metrics(head: bool = True) -> dict[str, float]:
         return retrieval_metrics(embed(held_queries, head), embed(held_gallery, head), held_relevant)
